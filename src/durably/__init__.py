@@ -1,0 +1,5 @@
+"""durably: operations that must not be lost."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

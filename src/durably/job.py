@@ -1,0 +1,278 @@
+"""Jobs, their attempts and audit trail, and the state machine they move through.
+
+See ``docs/state-machine.md`` for the diagram. Every store applies exactly these transitions; the
+contract suite checks that they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, TypeAlias
+
+__all__ = [
+    "ACTIONS",
+    "LIVE",
+    "TERMINAL",
+    "Action",
+    "Attempt",
+    "AuditEntry",
+    "Classification",
+    "Completion",
+    "Job",
+    "JobFilter",
+    "JSON",
+    "NewJob",
+    "Outcome",
+    "Status",
+]
+
+JSON: TypeAlias = Any
+"""A value that ``json.dumps`` accepts: dict, list, str, int, float, bool or None."""
+
+
+class Status(enum.StrEnum):
+    """Where a job is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    DEAD_LETTER = "dead_letter"
+    RESOLVED = "resolved"
+    ABANDONED = "abandoned"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[Status] = frozenset(
+    {Status.SUCCEEDED, Status.RESOLVED, Status.ABANDONED, Status.CANCELLED}
+)
+"""Statuses a job never leaves."""
+
+LIVE: frozenset[Status] = frozenset({Status.PENDING, Status.RUNNING, Status.RETRYING})
+"""Statuses in which a job still holds its idempotency key and may still run."""
+
+
+class Classification(enum.StrEnum):
+    """Why an attempt failed, or why a job was dead-lettered.
+
+    Stores keep these as plain strings, so handlers and built-in operations may add their own
+    (the HTTP operation uses ``http_4xx``).
+    """
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    TIMEOUT = "timeout"
+    RATE_LIMITED = "rate_limited"
+    LEASE_EXPIRED = "lease_expired"
+    UNKNOWN_HANDLER = "unknown_handler"
+    BAD_PAYLOAD = "bad_payload"
+    EXHAUSTED = "exhausted"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    POISON = "poison"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    HTTP_4XX = "http_4xx"
+
+
+class Outcome(enum.StrEnum):
+    """What a worker (or the rescuer) decided at the end of an attempt: the job's next status."""
+
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    CANCELLED = "cancelled"
+
+
+class Action(enum.StrEnum):
+    """Operator actions, each audited."""
+
+    CANCEL = "cancel"
+    RESOLVE = "resolve"
+    REQUEUE = "requeue"
+    ABANDON = "abandon"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActionRule:
+    """Which statuses an operator action starts from and where it leads."""
+
+    sources: frozenset[Status]
+    target: Status
+
+
+ACTIONS: Mapping[Action, ActionRule] = {
+    # A running job cannot be cancelled outright: its worker is asked to stop (cancel_requested).
+    Action.CANCEL: ActionRule(
+        frozenset({Status.PENDING, Status.RETRYING, Status.DEAD_LETTER}), Status.CANCELLED
+    ),
+    Action.RESOLVE: ActionRule(frozenset({Status.DEAD_LETTER}), Status.RESOLVED),
+    Action.ABANDON: ActionRule(frozenset({Status.DEAD_LETTER}), Status.ABANDONED),
+    Action.REQUEUE: ActionRule(
+        frozenset({Status.DEAD_LETTER, Status.CANCELLED, Status.ABANDONED, Status.RETRYING}),
+        Status.PENDING,
+    ),
+}
+"""The operator transitions. Stores apply them guarded by these source statuses."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to enqueue. ``policy`` is the policy snapshot (``RetryPolicy.to_dict()``)."""
+
+    handler: str
+    payload: JSON
+    queue: str = "default"
+    key: str | None = None
+    max_attempts: int | None = None
+    policy: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
+    delay: float = 0.0
+    """Seconds from the store's now until the first attempt may run."""
+    timeout: float | None = None
+    """Seconds one attempt may take; ``None`` means no limit."""
+    batch_id: str | None = None
+    item_index: int | None = None
+    event_scope: str | None = None
+    meta: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
+    """Free-form context carried to logs and events: ``request_id``, ``trace_id``, ..."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """A stored job, as read from a store. Immutable: every change produces a new version."""
+
+    id: int
+    queue: str
+    handler: str
+    payload: JSON
+    status: Status
+    attempts: int
+    max_attempts: int | None
+    policy: Mapping[str, JSON]
+    run_at: datetime
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    key: str | None = None
+    timeout: float | None = None
+    batch_id: str | None = None
+    item_index: int | None = None
+    event_scope: str | None = None
+    meta: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
+    worker_id: str | None = None
+    lease_token: str | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
+    first_attempt_at: datetime | None = None
+    """Start of the first attempt since enqueue (or requeue): where the time budget starts."""
+    finished_at: datetime | None = None
+    classification: str | None = None
+    last_error: str | None = None
+    last_error_type: str | None = None
+    result: JSON = None
+    operator: str | None = None
+    operator_notes: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """True when the job can never change again on its own or by an operator (but requeue)."""
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, JSON]:
+        """A JSON-ready dict (datetimes as ISO 8601 strings)."""
+        out: dict[str, JSON] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            out[field.name] = value
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One run of a job: who ran it, when, and how it ended."""
+
+    job_id: int
+    number: int
+    worker_id: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: str | None = None
+    """``succeeded``, ``failed``, ``cancelled``, ``lease_expired``; ``None`` while running."""
+    classification: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    duration: float | None = None
+
+    def to_dict(self) -> dict[str, JSON]:
+        """A JSON-ready dict."""
+        return {
+            f.name: (v.isoformat() if isinstance(v, datetime) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One operator action on a job."""
+
+    job_id: int
+    at: datetime
+    actor: str
+    action: str
+    from_status: str
+    to_status: str
+    version: int
+    notes: str | None = None
+
+    def to_dict(self) -> dict[str, JSON]:
+        """A JSON-ready dict."""
+        return {
+            f.name: (v.isoformat() if isinstance(v, datetime) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """The end of one attempt, as decided by the core (worker or rescuer), for a store to apply.
+
+    A store applies it only if the job is still ``running`` under ``lease_token`` (fencing); with
+    ``require_expired`` (the rescuer) also only if that lease has expired on the store's clock.
+    """
+
+    job_id: int
+    lease_token: str
+    attempt: int
+    outcome: Outcome
+    result: JSON = None
+    classification: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_in: float = 0.0
+    """For ``Outcome.RETRY``: seconds from the store's now until the next attempt may run."""
+    duration: float | None = None
+    attempt_outcome: str | None = None
+    """What to record on the attempt row; derived from ``outcome`` when ``None``."""
+    require_expired: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Which jobs to list or act on in bulk. Every field narrows; ``None`` means any."""
+
+    statuses: frozenset[Status] | None = None
+    queue: str | None = None
+    handler: str | None = None
+    batch_id: str | None = None
+    classification: str | None = None
+    key: str | None = None

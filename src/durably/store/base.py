@@ -1,0 +1,225 @@
+"""The Store protocol: what every backend (SQLite, PostgreSQL, Redis) must do.
+
+A store speaks in job operations, never in "execute this SQL". Decisions (retry or dead-letter,
+how long to wait, which transitions are allowed) are made once in the core; a store persists
+them atomically and guards every write:
+
+* worker writes (heartbeat, complete) apply only while the job is ``running`` under the caller's
+  lease token, so a worker whose lease was taken over can never overwrite newer work (fencing);
+* operator writes apply only from the action's source statuses and, when given, only at the
+  version the operator saw;
+* every change bumps ``version`` and ``updated_at``;
+* every time comparison and every timestamp uses the store's clock, never the worker's.
+
+All methods are coroutines. Driver exceptions never escape: they become
+:class:`durably.errors.StoreError` (or :class:`~durably.errors.StoreUnavailable`).
+
+The contract suite in ``tests/contract`` runs the same tests against every store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from durably.job import (
+    Action,
+    Attempt,
+    AuditEntry,
+    Completion,
+    Job,
+    JobFilter,
+    NewJob,
+    Status,
+)
+
+__all__ = [
+    "ActionRequest",
+    "ClaimRequest",
+    "EnqueueResult",
+    "HeartbeatResult",
+    "Lease",
+    "Store",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """The job that now stands for a :class:`NewJob`, and whether this call created it.
+
+    ``created`` is False when the idempotency key already had a live job, which is returned
+    unchanged.
+    """
+
+    job: Job
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """What a worker asks for when it claims.
+
+    The store picks up to ``limit`` jobs in ``queues`` whose status is ``pending`` or
+    ``retrying`` and whose ``run_at`` is due on the store's clock, oldest ``run_at`` first (ties
+    by id), skipping rows other workers hold. For each it atomically: sets ``running``, a fresh
+    random ``lease_token``, ``worker_id``, ``lease_expires_at = now + lease_seconds``, increments
+    ``attempts``, sets ``first_attempt_at`` if unset, bumps ``version``, and inserts an attempt
+    row (number = new ``attempts``, ``started_at = now``).
+
+    With ``batch_id`` only that batch's jobs are claimed, and with ``due_only=False`` their
+    ``run_at`` is ignored ("process this batch now").
+    """
+
+    queues: Sequence[str]
+    worker_id: str
+    limit: int
+    lease_seconds: float
+    batch_id: str | None = None
+    due_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's hold on a running job."""
+
+    job_id: int
+    lease_token: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """What a heartbeat found.
+
+    ``renewed`` holds the ids whose lease was extended; any lease asked about and not renewed
+    was lost (the job was rescued, finished or cancelled elsewhere) and its worker must stop
+    writing. ``cancel_requested`` holds the renewed ids an operator asked to cancel.
+    """
+
+    renewed: frozenset[int]
+    cancel_requested: frozenset[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActionRequest:
+    """An operator action on one job.
+
+    The store applies ``Action`` per :data:`durably.job.ACTIONS`: only from the rule's source
+    statuses (else :class:`~durably.errors.InvalidTransition`), only at ``expected_version`` when
+    given (else :class:`~durably.errors.Conflict`), and records an audit entry with ``actor`` and
+    ``notes`` in the same transaction.
+
+    ``REQUEUE`` sets ``run_at`` to now, clears the error fields, ``first_attempt_at`` and
+    ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
+    ``running`` job does not change its status: it sets ``cancel_requested`` (audited, version
+    bumped) and returns the job, for its worker to see at the next heartbeat. Every action that
+    ends the job sets ``finished_at`` and the ``operator`` fields; releasing the idempotency key
+    is automatic because terminal jobs are not live.
+    """
+
+    job_id: int
+    action: Action
+    actor: str
+    notes: str | None = None
+    expected_version: int | None = None
+    reset_attempts: bool = False
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A durable home for jobs. See the module docstring for the rules every method obeys."""
+
+    url: str
+    """The URL the store was opened with, with any password masked (safe to log)."""
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect. Refuse (``SchemaTooNew``) a schema newer than this code; migrate if behind."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def migrate(self, *, dry_run: bool = False) -> list[str]:
+        """Apply pending migrations under a lock; return their names (only list them if dry)."""
+
+    async def schema_version(self) -> int:
+        """The highest migration applied to this store (0 for an empty store)."""
+
+    async def now(self) -> datetime:
+        """The store's clock (timezone-aware UTC)."""
+
+    # -- producers -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+        """Insert jobs in one round trip where the backend allows, in order.
+
+        A job whose ``key`` already has a live job (pending, running, retrying) is not inserted;
+        the live job is returned with ``created=False``. Keys of jobs in other statuses are free.
+        """
+
+    async def upsert(self, job: NewJob) -> EnqueueResult:
+        """Enqueue by key, or replace the live job's payload, meta and policy fields.
+
+        Replacing happens only while the live job is not ``running``; a running job is returned
+        unchanged with ``created=False``. ``job.key`` must be set.
+        """
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest) -> list[Job]:
+        """Claim due jobs under fresh leases (see :class:`ClaimRequest`)."""
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
+        """Extend the leases that are still held (``running`` with that token)."""
+
+    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+        """Apply attempt endings, fenced by lease token; return, per completion, if applied.
+
+        For an applied completion the store, in one transaction: finishes the attempt row
+        (``finished_at``, ``outcome``, ``classification``, error, ``duration``), sets the job's
+        status (succeeded, retrying with ``run_at = now + retry_in``, dead_letter or cancelled),
+        its ``result`` / error fields / ``classification``, clears the lease, sets
+        ``finished_at`` when the job ended, and bumps ``version``. A completion that does not
+        apply changes nothing.
+        """
+
+    async def release(self, leases: Sequence[Lease]) -> int:
+        """Hand back claimed jobs that never started (graceful shutdown).
+
+        Fenced by lease token: the job returns to its previous waiting status with ``attempts``
+        decremented and its unstarted attempt row deleted, as if never claimed. Returns how many
+        were released.
+        """
+
+    async def expired(self, limit: int) -> list[Job]:
+        """Running jobs whose lease has expired on the store's clock, oldest expiry first."""
+
+    # -- operators -------------------------------------------------------------------------
+
+    async def get(self, job_id: int) -> Job:
+        """The job, or ``JobNotFound``."""
+
+    async def get_by_key(self, key: str) -> Job | None:
+        """The live job holding ``key``, else the newest job that had it, else None."""
+
+    async def list_jobs(
+        self, where: JobFilter, *, limit: int = 100, after_id: int | None = None
+    ) -> list[Job]:
+        """Jobs matching ``where``, newest first (descending id), below ``after_id`` if given."""
+
+    async def attempts(self, job_id: int) -> list[Attempt]:
+        """The job's attempts, oldest first."""
+
+    async def audit(self, job_id: int) -> list[AuditEntry]:
+        """The job's audit trail, oldest first."""
+
+    async def act(self, request: ActionRequest) -> Job:
+        """Apply one operator action (see :class:`ActionRequest`); return the job after it."""
+
+    async def counts(self) -> dict[tuple[str, Status], int]:
+        """How many jobs per (queue, status)."""
+
+    async def prune(self, older_than: float, statuses: frozenset[Status]) -> int:
+        """Delete jobs (with attempts and audit) in ``statuses`` finished ``older_than`` s ago."""
