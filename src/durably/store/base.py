@@ -133,6 +133,10 @@ class Store(Protocol):
     url: str
     """The URL the store was opened with, with any password masked (safe to log)."""
 
+    # Every store's constructor accepts ``clock: Callable[[], datetime] | None = None``. When
+    # set (tests), every "now" the store uses comes from it instead of the database's clock,
+    # so tests can expire leases and make retries due without sleeping.
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -195,6 +199,20 @@ class Store(Protocol):
 
     async def expired(self, limit: int) -> list[Job]:
         """Running jobs whose lease has expired on the store's clock, oldest expiry first."""
+
+    async def next_due_in(self, queues: Sequence[str]) -> float | None:
+        """Seconds until the earliest waiting job in ``queues`` is due (0 if one is due now).
+
+        ``None`` when no job waits. Lets an idle worker sleep exactly until a retry is due.
+        """
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until a job may have become available in ``queues``.
+
+        Returns True when woken by an enqueue (LISTEN/NOTIFY, a Redis blocking call, or an
+        in-process signal for SQLite), False on timeout. Spurious wake-ups are allowed; missed
+        ones are not worse than the timeout, which is the polling fallback.
+        """
 
     # -- operators -------------------------------------------------------------------------
 
