@@ -105,10 +105,12 @@ class HeartbeatResult:
 class ActionRequest:
     """An operator action on one job.
 
-    The store applies ``Action`` per :data:`durably.job.ACTIONS`: only from the rule's source
-    statuses (else :class:`~durably.errors.InvalidTransition`), only at ``expected_version`` when
-    given (else :class:`~durably.errors.Conflict`), and records an audit entry with ``actor`` and
-    ``notes`` in the same transaction.
+    The store applies ``Action`` per :data:`durably.job.ACTIONS`, checking in this order:
+    the job exists (else :class:`~durably.errors.JobNotFound`), it is at ``expected_version``
+    when given (else :class:`~durably.errors.Conflict`), it is in one of the rule's source
+    statuses (else :class:`~durably.errors.InvalidTransition`). It records an audit entry
+    (``actor``, ``action``, from/to status, the new ``version``, ``notes``) in the same
+    transaction.
 
     ``REQUEUE`` sets ``run_at`` to now, clears the error fields, ``first_attempt_at`` and
     ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
@@ -185,16 +187,20 @@ class Store(Protocol):
         (``finished_at``, ``outcome``, ``classification``, error, ``duration``), sets the job's
         status (succeeded, retrying with ``run_at = now + retry_in``, dead_letter or cancelled),
         its ``result`` / error fields / ``classification``, clears the lease, sets
-        ``finished_at`` when the job ended, and bumps ``version``. A completion that does not
-        apply changes nothing.
+        ``finished_at`` when the job ended (succeeded, dead_letter, cancelled), and bumps
+        ``version``. Success clears ``classification``, ``last_error`` and ``last_error_type``;
+        the other outcomes set them from the completion. Attempt row ``outcome`` is
+        ``attempt_outcome`` when given, else ``succeeded`` / ``failed`` (retry, dead_letter) /
+        ``cancelled``. A completion that does not apply changes nothing.
         """
 
     async def release(self, leases: Sequence[Lease]) -> int:
         """Hand back claimed jobs that never started (graceful shutdown).
 
-        Fenced by lease token: the job returns to its previous waiting status with ``attempts``
-        decremented and its unstarted attempt row deleted, as if never claimed. Returns how many
-        were released.
+        Fenced by lease token: ``attempts`` is decremented, the unstarted attempt row deleted,
+        the lease cleared, ``version`` bumped, and the status becomes ``pending`` when no attempt
+        is left on record (``attempts == 0``) or ``retrying`` otherwise; ``run_at`` is unchanged.
+        Returns how many were released.
         """
 
     async def expired(self, limit: int) -> list[Job]:
