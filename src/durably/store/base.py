@@ -66,7 +66,10 @@ class ClaimRequest:
     by id), skipping rows other workers hold. For each it atomically: sets ``running``, a fresh
     random ``lease_token``, ``worker_id``, ``lease_expires_at = now + lease_seconds``, increments
     ``attempts``, sets ``first_attempt_at`` if unset, bumps ``version``, and inserts an attempt
-    row (number = new ``attempts``, ``started_at = now``).
+    row (``started_at = now``) numbered one past the job's last attempt row: history numbers
+    never restart, even after a requeue that reset ``attempts``. A job has at most one open
+    (unfinished) attempt row, the one its current lease runs; completions finish that row and
+    release deletes it.
 
     With ``batch_id`` only that batch's jobs are claimed, and with ``due_only=False`` their
     ``run_at`` is ignored ("process this batch now").
