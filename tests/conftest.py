@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -83,19 +83,17 @@ async def drop_namespace(store: Store) -> None:
 
 
 @pytest.fixture
-def make_store(tmp_path: Any) -> Iterator[Callable[..., Store]]:
-    """Build (unopened) stores of a kind, each in a fresh namespace; cleaned up after the test."""
-    made: list[Store] = []
+def make_store(tmp_path: Any) -> Callable[..., Store]:
+    """Build (unopened) stores of a kind, each in a fresh namespace; the caller opens, drops
+    (``drop_namespace``) and closes them."""
 
     def build(kind: str, clock: Callable[[], datetime] | None = None, **extra: Any) -> Store:
         url, options = store_options(kind, tmp_path)
         options.update(extra)
         store = from_url(url, clock=clock, **options)
-        made.append(store)
         return store
 
-    yield build
-    # Cleanup happens in the async fixture below when used; sync users clean up themselves.
+    return build
 
 
 @pytest.fixture(params=STORE_KINDS)

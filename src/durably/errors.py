@@ -94,7 +94,7 @@ class SchemaTooNew(StoreError):
     """The database was migrated by a newer durably than this one; refusing to touch it."""
 
 
-class Permanent(Exception):  # noqa: N818 - raised by handlers as a verb-like marker
+class Permanent(Exception):
     """Raise (or wrap a cause in) this from a handler to fail at once, without retrying.
 
     >>> raise durably.Permanent("customer 42 does not exist")  # doctest: +SKIP
@@ -103,7 +103,7 @@ class Permanent(Exception):  # noqa: N818 - raised by handlers as a verb-like ma
     classification: str = "permanent"
 
 
-class RetryAfter(Exception):  # noqa: N818 - raised by handlers as a verb-like marker
+class RetryAfter(Exception):
     """Raise from a handler to ask for the next attempt after ``seconds``.
 
     The delay is clamped by the policy (never below zero, never above its cap) and still counts
@@ -122,7 +122,7 @@ class Cancelled(DurablyError):
 
 
 class AttemptsExhausted(DurablyError):
-    """In-process retry gave up. ``attempts`` says how many were made, ``__cause__`` the last error."""
+    """In-process retry gave up: ``attempts`` were made; ``__cause__`` is the last error."""
 
     def __init__(self, attempts: int, last: BaseException, reason: str = "") -> None:
         why = f" ({reason})" if reason else ""

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 
 __all__ = [
     "ACTIONS",
+    "JSON",
     "LIVE",
     "TERMINAL",
     "Action",
@@ -23,7 +24,6 @@ __all__ = [
     "Completion",
     "Job",
     "JobFilter",
-    "JSON",
     "NewJob",
     "Outcome",
     "Status",
