@@ -90,8 +90,7 @@ def make_store(tmp_path: Any) -> Callable[..., Store]:
     def build(kind: str, clock: Callable[[], datetime] | None = None, **extra: Any) -> Store:
         url, options = store_options(kind, tmp_path)
         options.update(extra)
-        store = from_url(url, clock=clock, **options)
-        return store
+        return from_url(url, clock=clock, **options)
 
     return build
 

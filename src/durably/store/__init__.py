@@ -43,7 +43,9 @@ def from_url(url: str, **options: Any) -> Store:
         try:
             from durably.store.redis import RedisStore
         except ImportError as exc:  # pragma: no cover - depends on installed extras
-            raise ConfigError("Redis needs the 'redis' extra: pip install 'durably[redis]'") from exc
+            raise ConfigError(
+                "Redis needs the 'redis' extra: pip install 'durably[redis]'"
+            ) from exc
         return RedisStore.from_url(url, **options)
     raise ConfigError(
         f"unsupported store URL {mask_url(url)!r}: use sqlite:///path.db, "

@@ -41,7 +41,9 @@ def load_queries(dialect: str) -> dict[str, str]:
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in queries:
                 raise RuntimeError(f"query {name!r} is defined twice in {dialect} SQL files")
-            queries[name] = body.strip().rstrip(";").strip() if dialect != "sqlite" else body.strip()
+            queries[name] = (
+                body.strip().rstrip(";").strip() if dialect != "sqlite" else body.strip()
+            )
     return queries
 
 
@@ -53,9 +55,7 @@ def load_migrations(dialect: str) -> tuple[Migration, ...]:
     for entry in folder.iterdir():
         match = _MIGRATION.match(entry.name)
         if match:
-            found.append(
-                Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8"))
-            )
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
