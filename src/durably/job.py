@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -20,6 +21,7 @@ __all__ = [
     "Action",
     "Attempt",
     "AuditEntry",
+    "BadPayload",
     "Classification",
     "Completion",
     "Job",
@@ -27,10 +29,34 @@ __all__ = [
     "NewJob",
     "Outcome",
     "Status",
+    "decode_json",
 ]
 
 JSON: TypeAlias = Any
 """A value that ``json.dumps`` accepts: dict, list, str, int, float, bool or None."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BadPayload:
+    """Stands for a stored payload that is not valid JSON. The worker dead-letters such a job
+    with classification ``bad_payload`` instead of running it (or crashing on it)."""
+
+    raw: str
+    error: str
+
+
+def decode_json(text: str | bytes | None) -> JSON:
+    """Decode a stored JSON column; undecodable text becomes a :class:`BadPayload`.
+
+    Stores use this for payloads (and results), so one bad row can never break a claim.
+    """
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        return BadPayload(raw=raw[:1000], error=str(exc))
 
 
 class Status(enum.StrEnum):

@@ -44,6 +44,7 @@ from durably.job import (
     NewJob,
     Outcome,
     Status,
+    decode_json,
 )
 from durably.store.base import (
     ActionRequest,
@@ -87,7 +88,7 @@ def _job(row: sqlite3.Row) -> Job:
         id=row["id"],
         queue=row["queue"],
         handler=row["handler"],
-        payload=json.loads(row["payload"]),
+        payload=decode_json(row["payload"]),
         status=Status(row["status"]),
         attempts=row["attempts"],
         max_attempts=row["max_attempts"],
@@ -111,7 +112,7 @@ def _job(row: sqlite3.Row) -> Job:
         classification=row["classification"],
         last_error=row["last_error"],
         last_error_type=row["last_error_type"],
-        result=None if row["result"] is None else json.loads(row["result"]),
+        result=decode_json(row["result"]),
         operator=row["operator"],
         operator_notes=row["operator_notes"],
     )
