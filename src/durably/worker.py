@@ -1,0 +1,479 @@
+"""The worker: claims jobs under leases, runs them, and writes their endings, all fenced.
+
+Pieces, each small:
+
+* the **fetcher** claims batches while there is room and work, and otherwise sleeps until an
+  enqueue wakes it, the next retry is due, or the poll interval passes;
+* **runners** (``concurrency`` of them) execute jobs; sync handlers run in a thread pool;
+* the **completer** writes endings in batches;
+* the **heartbeat** renews every held lease and passes on operators' cancel requests;
+* the **rescuer** ends attempts whose worker vanished (expired leases).
+
+Graceful shutdown (SIGTERM/SIGINT, or :meth:`Worker.stop`): stop claiming, hand back claimed jobs
+that never started (no attempt used), let running jobs finish up to ``shutdown_timeout``, then
+interrupt the rest (their attempt counts and they retry at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from durably.errors import ConfigError, StoreError
+from durably.executor import (
+    JobContext,
+    Operation,
+    cancelled_completion,
+    execute,
+    interrupted_completion,
+    rescue_completion,
+)
+from durably.job import Completion, Job, Outcome
+from durably.store.base import ClaimRequest, Lease, Store
+
+if TYPE_CHECKING:
+    from durably.app import Durably
+
+__all__ = ["Rescuer", "Worker"]
+
+log = logging.getLogger("durably.worker")
+
+
+def _job_extra(job: Job, **more: object) -> dict[str, object]:
+    extra: dict[str, object] = {
+        "job_id": job.id,
+        "handler": job.handler,
+        "key": job.key,
+        "attempt": job.attempts,
+        "queue": job.queue,
+    }
+    for name in ("request_id", "trace_id"):
+        if name in job.meta:
+            extra[name] = job.meta[name]
+    extra.update(more)
+    return extra
+
+
+class Rescuer:
+    """Ends attempts whose lease expired: the worker crashed or stalled.
+
+    The lost attempt counts (classification ``lease_expired``); a job that keeps killing its
+    workers is dead-lettered as ``poison`` after its last attempt. Safe to run on every worker
+    at once: each ending is fenced by the stale lease token and the expiry.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        operations: Mapping[str, Operation],
+        *,
+        rand: Callable[[], float] = random.random,
+        limit: int = 100,
+    ) -> None:
+        self.store = store
+        self.operations = operations
+        self.rand = rand
+        self.limit = limit
+
+    async def run_once(self) -> int:
+        """Rescue up to ``limit`` expired jobs; return how many this call ended."""
+        jobs = await self.store.expired(self.limit)
+        if not jobs:
+            return 0
+        completions = [
+            rescue_completion(job, self.operations.get(job.handler), self.rand) for job in jobs
+        ]
+        applied = await self.store.complete(completions)
+        for job, completion, ok in zip(jobs, completions, applied, strict=True):
+            if ok:
+                log.warning(
+                    "rescued job %s (%s) from worker %s: lease expired; %s",
+                    job.id,
+                    job.handler,
+                    job.worker_id,
+                    "dead-lettered as poison"
+                    if completion.outcome is Outcome.DEAD_LETTER
+                    else f"retry in {completion.retry_in:.1f}s",
+                    extra=_job_extra(job, classification=completion.classification),
+                )
+        return sum(applied)
+
+
+@dataclasses.dataclass(slots=True)
+class _Running:
+    job: Job
+    context: JobContext
+    started: float
+    task: asyncio.Task[Completion] | None = None
+    stop_reason: str | None = None  # "cancel" (operator), "shutdown", "lost" (lease lost)
+
+
+class Worker:
+    """Runs the jobs of one app's registered operations.
+
+    >>> worker = app.worker(concurrency=20)  # doctest: +SKIP
+    >>> await worker.run()                   # until SIGTERM, or drained with burst=True
+    """
+
+    def __init__(
+        self,
+        app: Durably,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        prefetch: int = 0,
+        batch_size: int | None = None,
+        poll_interval: float = 1.0,
+        lease_seconds: float = 30.0,
+        heartbeat_interval: float | None = None,
+        rescue_interval: float | None = None,
+        shutdown_timeout: float = 30.0,
+        burst: bool = False,
+        worker_id: str | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, not {concurrency}")
+        if lease_seconds <= 0:
+            raise ConfigError(f"lease_seconds must be positive, not {lease_seconds}")
+        if poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be positive, not {poll_interval}")
+        self.app = app
+        self.queues = tuple(queues) if queues else app.queues()
+        self.concurrency = concurrency
+        self.prefetch = max(0, prefetch)
+        self.batch_size = batch_size or max(concurrency + self.prefetch, 1)
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
+        if self.heartbeat_interval >= lease_seconds:
+            raise ConfigError("heartbeat_interval must be shorter than lease_seconds")
+        self.rescue_interval = rescue_interval or max(lease_seconds / 2, 0.05)
+        self.shutdown_timeout = shutdown_timeout
+        self.burst = burst
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.rand = rand
+        self.stats: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self._running: dict[int, _Running] = {}
+        self._pending: list[Completion] = []
+        self._pending_event = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._store: Store | None = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        if not self._stop.is_set():
+            log.info("worker %s stopping: no new claims", self.worker_id)
+        self._stop.set()
+
+    @property
+    def store(self) -> Store:
+        """The store this worker uses (opened by :meth:`run`)."""
+        if self._store is None:
+            raise RuntimeError("the worker is not running")
+        return self._store
+
+    async def run(self, *, install_signals: bool = False) -> None:
+        """Work until stopped (or, in burst mode, until no job is due)."""
+        loop = asyncio.get_running_loop()
+        self._store = await self.app.store_async()
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="durably-job"
+        )
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        log.info(
+            "worker %s started on %s (queues %s, concurrency %d)",
+            self.worker_id,
+            self._store.url,
+            ",".join(self.queues),
+            self.concurrency,
+        )
+        runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
+        services = [
+            asyncio.create_task(self._completer()),
+            asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat)),
+            asyncio.create_task(self._every(self.rescue_interval, self._rescue)),
+        ]
+        try:
+            await self._fetch_loop()
+        finally:
+            await self._shutdown(runners, services)
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            log.info("worker %s stopped (%s)", self.worker_id, dict(self.stats))
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    def _room(self) -> int:
+        return self.concurrency + self.prefetch - len(self._running) - self._queue.qsize()
+
+    async def _fetch_loop(self) -> None:
+        store = self.store
+        failures = 0
+        while not self._stop.is_set():
+            self._slot_free.clear()  # before measuring room, so a freed slot is never missed
+            room = self._room()
+            if room <= 0:
+                await self._until(self._slot_free.wait(), None)
+                continue
+            limit = min(room, self.batch_size)
+            try:
+                jobs = await store.claim(
+                    ClaimRequest(self.queues, self.worker_id, limit, self.lease_seconds)
+                )
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                delay = min(30.0, 0.1 * 2 ** min(failures, 10)) * (0.5 + self.rand() / 2)
+                log.error(
+                    "worker %s cannot claim (%s); retrying in %.1fs", self.worker_id, exc, delay
+                )
+                await self._until(asyncio.sleep(delay), None)
+                continue
+            for job in jobs:
+                self.stats["claimed"] += 1
+                self._queue.put_nowait(job)
+            if len(jobs) == limit:
+                continue  # probably more work: claim again at once
+            if await self._idle():
+                return
+
+    async def _idle(self) -> bool:
+        """Sleep until work may be there; True when burst mode is done."""
+        try:
+            due = await self.store.next_due_in(self.queues)
+        except StoreError as exc:
+            log.error("worker %s cannot read the schedule: %s", self.worker_id, exc)
+            due = None
+        idle = not self._running and self._queue.empty()
+        if self.burst and idle and (due is None or due > self.poll_interval):
+            return True
+        timeout = self.poll_interval if due is None else min(self.poll_interval, due)
+        if timeout > 0:
+            await self._until(self.store.wait(self.queues, timeout), timeout)
+        return False
+
+    async def _until(self, waiting: object, timeout: float | None) -> None:
+        """Await ``waiting`` (a coroutine) but return early when a stop is requested."""
+        task = asyncio.ensure_future(waiting)  # type: ignore[call-overload]
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait(
+                {task, stop},
+                timeout=None if timeout is None else timeout + 1.0,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for pending in (task, stop):
+                if not pending.done():
+                    pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreError):
+                await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def _runner(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                return
+            await self._run_one(job)
+            self._slot_free.set()
+
+    async def _run_one(self, job: Job) -> None:
+        operation = self.app.operations.get(job.handler)
+        context = JobContext(job=job, attempt=job.attempts, worker_id=self.worker_id)
+        running = _Running(job=job, context=context, started=time.monotonic())
+        self._running[job.id] = running
+        running.task = asyncio.create_task(
+            execute(job, operation, context=context, threads=self._threads, rand=self.rand)
+        )
+        try:
+            completion: Completion | None = await running.task
+        except asyncio.CancelledError:
+            context.cancel()
+            duration = time.monotonic() - running.started
+            if running.stop_reason == "cancel":
+                completion = cancelled_completion(job, duration, "cancelled by an operator")
+            elif running.stop_reason == "shutdown":
+                completion = interrupted_completion(job, operation, duration, self.rand)
+            elif running.stop_reason == "lost":
+                completion = None
+            else:
+                raise
+        finally:
+            del self._running[job.id]
+        if completion is not None:
+            self._pending.append(completion)
+            self._pending_event.set()
+
+    # -- completing -------------------------------------------------------------------------
+
+    async def _completer(self) -> None:
+        """Write endings in batches; on store errors keep them and try again (fenced, so safe)."""
+        failures = 0
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                applied = await self.store.complete(batch)
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                delay = min(10.0, 0.05 * 2 ** min(failures, 10))
+                log.error("cannot record %d job endings (%s); retrying", len(batch), exc)
+                self._pending[:0] = batch
+                await asyncio.sleep(delay)
+                self._pending_event.set()
+                continue
+            for completion, ok in zip(batch, applied, strict=True):
+                self._account(completion, ok)
+
+    def _account(self, completion: Completion, ok: bool) -> None:
+        if not ok:
+            self.stats["stale_writes"] += 1
+            log.warning(
+                "rejected a stale write for job %s: its lease was taken over",
+                completion.job_id,
+                extra={"job_id": completion.job_id, "attempt": completion.attempt},
+            )
+            return
+        outcome = completion.outcome
+        self.stats[outcome.value] += 1
+        level = logging.INFO if outcome is Outcome.SUCCEEDED else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "job %s attempt %d: %s%s",
+                completion.job_id,
+                completion.attempt,
+                outcome.value,
+                ""
+                if outcome is Outcome.SUCCEEDED
+                else f" ({completion.classification}: {completion.error_message})"
+                + (f", next in {completion.retry_in:.2f}s" if outcome is Outcome.RETRY else ""),
+                extra={
+                    "job_id": completion.job_id,
+                    "attempt": completion.attempt,
+                    "outcome": outcome.value,
+                    "classification": completion.classification,
+                },
+            )
+
+    async def flush(self) -> None:
+        """Write every ending produced so far (tests and shutdown)."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            applied = await self.store.complete(batch)
+            for completion, ok in zip(batch, applied, strict=True):
+                self._account(completion, ok)
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _every(self, interval: float, action: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()  # type: ignore[misc]
+            except StoreError as exc:
+                log.error("worker %s: %s failed: %s", self.worker_id, action.__name__, exc)
+
+    async def _heartbeat(self) -> None:
+        held = {r.job.id: r for r in self._running.values()}
+        waiting = [job for job in self._queue._queue if job is not None]  # type: ignore[attr-defined]
+        leases = [Lease(r.job.id, r.job.lease_token or "") for r in held.values()]
+        leases += [Lease(job.id, job.lease_token or "") for job in waiting]
+        if not leases:
+            return
+        result = await self.store.heartbeat(leases, self.lease_seconds)
+        for job_id, running in held.items():
+            if job_id not in result.renewed:
+                self._interrupt(running, "lost")
+                log.warning(
+                    "worker %s lost the lease of job %s; stopping it",
+                    self.worker_id,
+                    job_id,
+                    extra=_job_extra(running.job),
+                )
+            elif job_id in result.cancel_requested:
+                self._interrupt(running, "cancel")
+
+    def _interrupt(self, running: _Running, reason: str) -> None:
+        if running.stop_reason is None:
+            running.stop_reason = reason
+            running.context.cancel()
+            if running.task is not None:
+                running.task.cancel()
+
+    async def _rescue(self) -> None:
+        rescued = await Rescuer(self.store, self.app.operations, rand=self.rand).run_once()
+        self.stats["rescued"] += rescued
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def _shutdown(
+        self, runners: list[asyncio.Task[None]], services: list[asyncio.Task[None]]
+    ) -> None:
+        unstarted: list[Job] = []
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                unstarted.append(job)
+        if unstarted:
+            try:
+                released = await self.store.release(
+                    [Lease(job.id, job.lease_token or "") for job in unstarted]
+                )
+                self.stats["released"] += released
+                log.info("handed back %d unstarted jobs", released)
+            except StoreError as exc:
+                log.error(
+                    "could not hand back %d jobs (%s): their leases will expire",
+                    len(unstarted),
+                    exc,
+                )
+        for _ in runners:
+            self._queue.put_nowait(None)
+        if self._running:
+            log.info(
+                "waiting up to %.0fs for %d running jobs", self.shutdown_timeout, len(self._running)
+            )
+        _, still = await asyncio.wait(runners, timeout=self.shutdown_timeout)
+        if still:
+            for running in list(self._running.values()):
+                self._interrupt(running, "shutdown")
+            await asyncio.wait(still, timeout=5.0)
+        for task in services:
+            task.cancel()
+        for task in services:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self.flush()
+        except StoreError as exc:
+            log.error("could not record the last job endings (%s): leases will expire", exc)
