@@ -15,10 +15,18 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
+from durably.batches import (
+    BatchSummary,
+    CompensationResult,
+    batch_jobs,
+    process_batch,
+    summarise,
+)
 from durably.errors import ConfigError, PayloadError, UnknownHandler
 from durably.executor import Handler, Operation
 from durably.job import (
     JSON,
+    LIVE,
     TERMINAL,
     Action,
     Attempt,
@@ -589,6 +597,123 @@ class Durably:
         """Delete finished jobs older than ``older_than`` seconds (terminal statuses by default)."""
         store = await self.store_async()
         return await store.prune(older_than, frozenset(statuses or TERMINAL))
+
+    # -- batches (seed 001) -----------------------------------------------------------------
+
+    async def enqueue_batch_async(
+        self,
+        batch_id: str,
+        handler: str | Handler,
+        items: Iterable[JSON],
+        **options: Any,
+    ) -> list[Job]:
+        """One job per item, numbered by ``item_index``, stored in one round trip."""
+        if not isinstance(batch_id, str) or not 0 < len(batch_id) <= 200:
+            raise ConfigError("batch_id must be a non-empty string of at most 200 characters")
+        specs = [
+            {**options, "handler": handler, "payload": item, "batch_id": batch_id, "item_index": i}
+            for i, item in enumerate(items)
+        ]
+        return await self.enqueue_many_async(specs)
+
+    def enqueue_batch(
+        self, batch_id: str, handler: str | Handler, items: Iterable[JSON], **options: Any
+    ) -> list[Job]:
+        """Synchronous :meth:`enqueue_batch_async`."""
+        return self._sync(self.enqueue_batch_async(batch_id, handler, list(items), **options))
+
+    async def batch_async(self, batch_id: str) -> BatchSummary:
+        """Counts by status and the failing items (with reasons) of a batch."""
+        return summarise(batch_id, await batch_jobs(self, batch_id))
+
+    def batch(self, batch_id: str) -> BatchSummary:
+        """Synchronous :meth:`batch_async`."""
+        return self._sync(self.batch_async(batch_id))
+
+    async def process_batch_async(self, batch_id: str) -> CompensationResult:
+        """Run the batch's pending and retrying items now (see ``batches.process_batch``)."""
+        return await process_batch(self, batch_id)
+
+    def process_batch(self, batch_id: str) -> CompensationResult:
+        """Synchronous :meth:`process_batch_async`."""
+        return self._sync(self.process_batch_async(batch_id))
+
+    # -- hurl and cancel by key (seed 003) ------------------------------------------------------
+
+    async def hurl_async(
+        self,
+        key: str,
+        scope: str | None,
+        handler: str | Handler,
+        params: JSON = None,
+        *,
+        retries: int | None = None,
+        initial_delay: float | None = None,
+        interval: float | None = None,
+        **options: Any,
+    ) -> Job:
+        """Keep calling ``handler(params)`` until it succeeds: keyed, idempotent, resumable.
+
+        ``retries=None`` retries without limit; ``interval`` makes every retry wait that many
+        seconds (a fixed-interval policy, as the rocks of seed 003 with 30 s); otherwise the
+        operation's policy applies. A live job with this key has its params replaced while it
+        is not running (``upsert``) and is returned. Outcomes go to ``<scope>.processed``.
+        """
+        name = handler if isinstance(handler, str) else getattr(handler, "__name__", "")
+        op = self.operations.get(name)
+        policy = options.pop("policy", None) or (op.policy if op else self.default_policy)
+        changes: dict[str, Any] = {"max_attempts": None if retries is None else retries + 1}
+        if interval is not None:
+            changes.update(fixed=interval, jitter="none")
+        if initial_delay is not None:
+            changes["initial_delay"] = initial_delay
+        return await self.upsert_async(
+            handler, params, key=key, policy=policy.replace(**changes), event_scope=scope, **options
+        )
+
+    def hurl(
+        self,
+        key: str,
+        scope: str | None,
+        handler: str | Handler,
+        params: JSON = None,
+        *,
+        retries: int | None = None,
+        initial_delay: float | None = None,
+        interval: float | None = None,
+        **options: Any,
+    ) -> Job:
+        """Synchronous :meth:`hurl_async`."""
+        return self._sync(
+            self.hurl_async(
+                key,
+                scope,
+                handler,
+                params,
+                retries=retries,
+                initial_delay=initial_delay,
+                interval=interval,
+                **options,
+            )
+        )
+
+    async def cancel_key_async(
+        self, key: str, *, actor: str = "api", notes: str | None = None
+    ) -> Job | None:
+        """Cancel the live job holding ``key`` (a running one is asked to stop).
+
+        Returns the job after the action, or None when no live job holds the key.
+        """
+        job = await self.get_by_key_async(key)
+        if job is None or job.status not in LIVE:
+            return None
+        return await self.act_async(job.id, Action.CANCEL, actor=actor, notes=notes)
+
+    def cancel_key(self, key: str, *, actor: str = "api", notes: str | None = None) -> Job | None:
+        """Synchronous :meth:`cancel_key_async`. Seed 003 calls this ``break``."""
+        return self._sync(self.cancel_key_async(key, actor=actor, notes=notes))
+
+    break_ = cancel_key
 
     # -- working ----------------------------------------------------------------------------
 
