@@ -23,6 +23,7 @@ from durably.batches import (
     summarise,
 )
 from durably.errors import ConfigError, PayloadError, UnknownHandler
+from durably.events import Publisher, Sink, Subscriber, Subscribers
 from durably.executor import Handler, Operation
 from durably.job import (
     JSON,
@@ -132,6 +133,8 @@ class Durably:
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._stores_lock = threading.Lock()
         self._portal = _Portal()
+        self.subscribers = Subscribers()
+        self.sinks: list[Sink] = []
 
     def __repr__(self) -> str:
         return f"Durably({self._probe.url!r}, operations={sorted(self.operations)})"
@@ -714,6 +717,29 @@ class Durably:
         return self._sync(self.cancel_key_async(key, actor=actor, notes=notes))
 
     break_ = cancel_key
+
+    # -- outcome events ---------------------------------------------------------------------
+
+    def subscribe(self, scope: str, callback: Subscriber) -> None:
+        """Call ``callback(event)`` (sync or async) for every ``<scope>.*`` event.
+
+        Events are delivered by the publisher that runs beside this app's workers, at least
+        once and in order per job; ``"*"`` subscribes to every scope.
+        """
+        self.subscribers.add(scope, callback)
+
+    def add_sink(self, sink: Sink) -> None:
+        """Deliver every event to ``sink`` too (a :class:`~durably.events.RedisStreamSink`,
+        :class:`~durably.events.WebhookSink`, or your own)."""
+        self.sinks.append(sink)
+
+    def all_sinks(self) -> list[Sink]:
+        """The sinks a publisher for this app delivers to (subscribers first)."""
+        return ([self.subscribers] if self.subscribers else []) + list(self.sinks)
+
+    async def publisher_async(self, **options: Any) -> Publisher:
+        """A :class:`~durably.events.Publisher` for this app's sinks, on this loop's store."""
+        return Publisher(await self.store_async(), self.all_sinks(), **options)
 
     # -- working ----------------------------------------------------------------------------
 

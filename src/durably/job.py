@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 __all__ = [
     "ACTIONS",
+    "EVENT_STATUSES",
     "JSON",
     "LIVE",
     "TERMINAL",
@@ -24,6 +25,7 @@ __all__ = [
     "BadPayload",
     "Classification",
     "Completion",
+    "Event",
     "Job",
     "JobFilter",
     "NewJob",
@@ -101,6 +103,10 @@ class Classification(enum.StrEnum):
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
     HTTP_4XX = "http_4xx"
+
+
+EVENT_STATUSES: frozenset[Status] = TERMINAL | {Status.DEAD_LETTER}
+"""Reaching one of these writes a ``<scope>.processed`` event for a job with an event scope."""
 
 
 class Outcome(enum.StrEnum):
@@ -302,3 +308,28 @@ class JobFilter:
     batch_id: str | None = None
     classification: str | None = None
     key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """An outcome event waiting in a store's outbox for delivery (at least once, in order per
+    job). ``payload`` is built by :func:`durably.events.processed_payload` (or the batch twin)."""
+
+    id: int
+    type: str
+    payload: Mapping[str, JSON]
+    created_at: datetime
+    job_id: int | None = None
+    attempts: int = 0
+    lease_token: str | None = None
+
+    def to_dict(self) -> dict[str, JSON]:
+        """A JSON-ready dict."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "payload": dict(self.payload),
+            "created_at": self.created_at.isoformat(),
+            "job_id": self.job_id,
+            "attempts": self.attempts,
+        }

@@ -29,6 +29,7 @@ from durably.job import (
     Attempt,
     AuditEntry,
     Completion,
+    Event,
     Job,
     JobFilter,
     NewJob,
@@ -250,3 +251,28 @@ class Store(Protocol):
 
     async def prune(self, older_than: float, statuses: frozenset[Status]) -> int:
         """Delete jobs (with attempts and audit) in ``statuses`` finished ``older_than`` s ago."""
+
+    # -- outbox ----------------------------------------------------------------------------
+    #
+    # In the same transaction as any change (complete or act) that moves a job with an
+    # ``event_scope`` into one of ``EVENT_STATUSES``, the store inserts an event of type
+    # ``<scope>.processed`` whose payload is ``durably.events.processed_payload(job_after)``.
+    # When that change moves the job out of a live status and leaves its batch (``batch_id``)
+    # with no live job, it also inserts one ``<scope>.batch_completed`` event with
+    # ``durably.events.batch_payload(batch_id, counts_by_status, job_after.updated_at)``
+    # (exactly once per batch completion, even with concurrent completers). Jobs without a
+    # scope emit nothing. A change that rolls back emits nothing.
+
+    async def claim_events(self, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease up to ``limit`` due, unleased (or lease-expired) events, oldest id first.
+
+        An event is skipped while an older event of the same job is still undelivered, so
+        each job's events are delivered in order. Each claimed event gets a fresh
+        ``lease_token`` and ``attempts + 1``.
+        """
+
+    async def ack_events(self, events: Sequence[Event]) -> int:
+        """Delete delivered events, fenced by their lease token; return how many."""
+
+    async def retry_event(self, event: Event, retry_in: float, error: str) -> bool:
+        """Release a failed delivery: due again in ``retry_in`` s; fenced by lease token."""

@@ -33,12 +33,16 @@ from durably.errors import (
     StoreError,
     StoreUnavailable,
 )
+from durably.events import batch_payload, event_type, processed_payload
 from durably.job import (
     ACTIONS,
+    EVENT_STATUSES,
+    LIVE,
     Action,
     Attempt,
     AuditEntry,
     Completion,
+    Event,
     Job,
     JobFilter,
     NewJob,
@@ -157,6 +161,44 @@ class _Waiter:
 
 
 _WAKEUPS = _Wakeups()
+
+
+def _emit(conn: sqlite3.Connection, before: Status, after: Job, now: float) -> None:
+    """Write the outbox events a change owes, inside the caller's transaction."""
+    if after.status not in EVENT_STATUSES or after.event_scope is None:
+        return  # events are opt-in per job: no scope, no outbox rows
+    conn.execute(
+        _Q["insert_event"],
+        (after.id, event_type(after.event_scope), _dumps(processed_payload(after)), now, now),
+    )
+    if (
+        after.batch_id is not None
+        and before in LIVE
+        and conn.execute(_Q["batch_live_count"], (after.batch_id,)).fetchone()[0] == 0
+    ):
+        counts = dict(conn.execute(_Q["batch_counts"], (after.batch_id,)).fetchall())
+        conn.execute(
+            _Q["insert_event"],
+            (
+                None,
+                event_type(after.event_scope, "batch_completed"),
+                _dumps(batch_payload(after.batch_id, counts, after.updated_at)),
+                now,
+                now,
+            ),
+        )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        type=row["type"],
+        payload=json.loads(row["payload"]),
+        created_at=datetime.fromtimestamp(row["created_at"], UTC),
+        job_id=row["job_id"],
+        attempts=row["attempts"],
+        lease_token=row["lease_token"],
+    )
 
 
 class SQLiteStore:
@@ -492,6 +534,7 @@ class SQLiteStore:
                     if row is None:
                         applied.append(False)
                         continue
+                    _emit(conn, Status.RUNNING, _job(row), now)
                     conn.execute(
                         _Q["finish_attempt"],
                         {
@@ -711,6 +754,8 @@ class SQLiteStore:
                     )
                     after_row = conn.execute(_Q["act_end"], params).fetchone()
                 after = _job(after_row)
+                if after.status is not before.status:
+                    _emit(conn, before.status, after, now)
                 conn.execute(
                     _Q["insert_audit"],
                     (
@@ -755,6 +800,48 @@ class SQLiteStore:
                 total += deleted
                 if deleted < 1000:
                     return total
+
+        return await self._run(work)
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    async def claim_events(self, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease due events, oldest first, never overtaking an older event of the same job."""
+
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            params = {"now": self._now(), "lease_seconds": lease_seconds, "limit": limit}
+            with self._write(conn):
+                rows = conn.execute(_Q["claim_events"], params).fetchall()
+            return sorted((_event(r) for r in rows), key=lambda e: e.id)
+
+        return await self._run(work)
+
+    async def ack_events(self, events: Sequence[Event]) -> int:
+        """Delete delivered events (fenced by lease token)."""
+        if not events:
+            return 0
+
+        def work(conn: sqlite3.Connection) -> int:
+            with self._write(conn):
+                return sum(
+                    conn.execute(_Q["ack_event"], (e.id, e.lease_token)).rowcount for e in events
+                )
+
+        return await self._run(work)
+
+    async def retry_event(self, event: Event, retry_in: float, error: str) -> bool:
+        """Make a failed delivery due again in ``retry_in`` seconds."""
+
+        def work(conn: sqlite3.Connection) -> bool:
+            params = {
+                "now": self._now(),
+                "retry_in": max(0.0, retry_in),
+                "error": error[:4000],
+                "id": event.id,
+                "token": event.lease_token,
+            }
+            with self._write(conn):
+                return conn.execute(_Q["retry_event"], params).rowcount == 1
 
         return await self._run(work)
 

@@ -67,7 +67,7 @@ UPDATE jobs
        version = version + 1, updated_at = :now
  WHERE id = :id AND status = 'running' AND lease_token = :token
    AND (:require_expired = 0 OR lease_expires_at < :now)
-RETURNING id, attempts
+RETURNING *
 
 -- name: finish_attempt
 UPDATE attempts
