@@ -40,6 +40,7 @@ from durably.job import (
 from durably.policy import RetryPolicy
 from durably.store import Store, from_url
 from durably.store.base import ActionRequest, EnqueueResult
+from durably.telemetry import Telemetry
 from durably.worker import Worker
 
 __all__ = ["DEFAULT_URL", "Durably", "JobSpec"]
@@ -120,6 +121,7 @@ class Durably:
         default_policy: RetryPolicy | None = None,
         max_payload_bytes: int = 1 << 20,
         strict: bool = True,
+        telemetry: Telemetry | None = None,
         **store_options: Any,
     ) -> None:
         self.url = url or os.environ.get("DURABLY_URL") or DEFAULT_URL
@@ -133,6 +135,7 @@ class Durably:
         self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
         self._stores_lock = threading.Lock()
         self._portal = _Portal()
+        self.telemetry = telemetry or Telemetry()
         self.subscribers = Subscribers()
         self.sinks: list[Sink] = []
 
@@ -739,6 +742,7 @@ class Durably:
 
     async def publisher_async(self, **options: Any) -> Publisher:
         """A :class:`~durably.events.Publisher` for this app's sinks, on this loop's store."""
+        options.setdefault("telemetry", self.telemetry)
         return Publisher(await self.store_async(), self.all_sinks(), **options)
 
     # -- working ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from durably.errors import ConfigError
 from durably.job import JSON, Event, Job, Status
 from durably.policy import RetryPolicy, backoff
 from durably.store.base import Store
+from durably.telemetry import Telemetry
 
 __all__ = [
     "Publisher",
@@ -248,9 +249,11 @@ class Publisher:
         lease_seconds: float = 60.0,
         policy: RetryPolicy | None = None,
         rand: Callable[[], float] = random.random,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.sinks = list(sinks)
+        self.telemetry = telemetry or Telemetry()
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.policy = policy or RetryPolicy(max_attempts=None, initial=1.0, cap=300.0)
@@ -272,6 +275,7 @@ class Publisher:
                     await sink.deliver(event)
             except Exception as exc:
                 self.failed += 1
+                self.telemetry.event_failed(event, exc)
                 delay = backoff(self.policy, max(1, event.attempts), self.rand)
                 log.warning(
                     "event %s (%s) not delivered (attempt %d): %s; retry in %.1fs",
@@ -290,6 +294,7 @@ class Publisher:
         if done:
             await self.store.ack_events(done)
             self.delivered += len(done)
+            self.telemetry.events_delivered(done)
         return len(done)
 
     async def run(self, stop: asyncio.Event, *, poll_interval: float = 0.5) -> None:
