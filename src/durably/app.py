@@ -139,6 +139,16 @@ class Durably:
         self.subscribers = Subscribers()
         self.sinks: list[Sink] = []
 
+    def use_url(self, url: str, **store_options: Any) -> None:
+        """Point the app at another store (for example the CLI's ``--url``).
+
+        Closes the stores opened so far; the next call opens the new one.
+        """
+        self.close()
+        self.url = url
+        self._store_factory = lambda: from_url(url, **store_options)
+        self._probe = self._store_factory()
+
     def __repr__(self) -> str:
         return f"Durably({self._probe.url!r}, operations={sorted(self.operations)})"
 

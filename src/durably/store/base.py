@@ -139,14 +139,17 @@ class Store(Protocol):
     url: str
     """The URL the store was opened with, with any password masked (safe to log)."""
 
-    # Every store's constructor accepts ``clock: Callable[[], datetime] | None = None``. When
+    # Every store's constructor accepts ``migrate_on_open: bool = True`` (``durably migrate``
+    # passes False to report pending migrations before applying them) and
+    # ``clock: Callable[[], datetime] | None = None``. When
     # set (tests), every "now" the store uses comes from it instead of the database's clock,
     # so tests can expire leases and make retries due without sleeping.
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect. Refuse (``SchemaTooNew``) a schema newer than this code; migrate if behind."""
+        """Connect. Refuse (``SchemaTooNew``) a schema newer than this code; migrate if behind
+        (unless constructed with ``migrate_on_open=False``)."""
 
     async def close(self) -> None:
         """Release connections. Idempotent."""

@@ -217,6 +217,7 @@ class SQLiteStore:
         busy_timeout: float = 10.0,
         synchronous: str = "FULL",
         wake_interval: float = 0.005,
+        migrate_on_open: bool = True,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigError(
@@ -228,6 +229,7 @@ class SQLiteStore:
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._wake_interval = wake_interval
+        self._migrate_on_open = migrate_on_open
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._wake_key = path if path == ":memory:" else str(Path(path).resolve())
@@ -315,7 +317,10 @@ class SQLiteStore:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise StoreUnavailable(f"cannot open SQLite database {self.path!r}: {exc}") from exc
-        await self.migrate()
+        if self._migrate_on_open:
+            await self.migrate()
+        elif await self.schema_version() > len(load_migrations("sqlite")):
+            await self.migrate(dry_run=True)  # raises SchemaTooNew
 
     async def close(self) -> None:
         """Close the connection and its thread. Idempotent."""
