@@ -185,7 +185,10 @@ class Store(Protocol):
         """Claim due jobs under fresh leases (see :class:`ClaimRequest`)."""
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
-        """Extend the leases that are still held (``running`` with that token)."""
+        """Extend the leases that are still held (``running`` with that token).
+
+        A renewal is a change like any other: it bumps ``version`` and ``updated_at``.
+        """
 
     async def complete(self, completions: Sequence[Completion]) -> list[bool]:
         """Apply attempt endings, fenced by lease token; return, per completion, if applied.

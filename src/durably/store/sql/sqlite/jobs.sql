@@ -50,7 +50,7 @@ INSERT INTO attempts (job_id, number, worker_id, started_at)
 SELECT :id, coalesce(max(number), 0) + 1, :worker_id, :now FROM attempts WHERE job_id = :id
 
 -- name: heartbeat
-UPDATE jobs SET lease_expires_at = :now + :lease_seconds, updated_at = :now
+UPDATE jobs SET lease_expires_at = :now + :lease_seconds, version = version + 1, updated_at = :now
  WHERE id = :id AND status = 'running' AND lease_token = :token
 RETURNING id, cancel_requested
 
