@@ -14,6 +14,7 @@ __all__ = [
     "DurablyError",
     "InvalidTransition",
     "JobNotFound",
+    "KeyTaken",
     "PayloadError",
     "Permanent",
     "RetryAfter",
@@ -73,6 +74,21 @@ class Conflict(DurablyError):
         self.job_id = job_id
         self.expected = expected
         self.actual = actual
+
+
+class KeyTaken(Conflict):
+    """A requeue would give a job the idempotency key that another live job holds now."""
+
+    def __init__(self, job_id: int, holder: int) -> None:
+        DurablyError.__init__(
+            self,
+            f"cannot requeue job {job_id}: its key is held by live job {holder}; "
+            "finish or cancel that job first",
+        )
+        self.job_id = job_id
+        self.holder = holder
+        self.expected = 0
+        self.actual = 0
 
 
 class StaleLease(DurablyError):

@@ -52,8 +52,12 @@ def event_type(scope: str | None, kind: str = "processed") -> str:
 
 
 def processed_payload(job: Job) -> dict[str, JSON]:
-    """The payload of a job's ``<scope>.processed`` event (stores call this; Redis mirrors it
-    in Lua and the contract suite checks they agree)."""
+    """The payload of a job's ``<scope>.processed`` event.
+
+    SQL stores build it in the transaction of the change; Redis stores the job's state in the
+    same Lua script and builds it from that when the event is claimed. The contract suite
+    checks that every store's payload equals this function's.
+    """
     error: JSON = None
     if job.status is not Status.SUCCEEDED and job.last_error is not None:
         error = {

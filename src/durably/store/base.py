@@ -116,7 +116,8 @@ class ActionRequest:
     (``actor``, ``action``, from/to status, the new ``version``, ``notes``) in the same
     transaction.
 
-    ``REQUEUE`` sets ``run_at`` to now, clears the error fields, ``first_attempt_at`` and
+    ``REQUEUE`` raises :class:`~durably.errors.KeyTaken` when the job's idempotency key is
+    held by another live job meanwhile. It sets ``run_at`` to now, clears the error fields, ``first_attempt_at`` and
     ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
     ``running`` job does not change its status: it sets ``cancel_requested`` (audited, version
     bumped) and returns the job, for its worker to see at the next heartbeat. Every action that
@@ -173,7 +174,8 @@ class Store(Protocol):
         """
 
     async def upsert(self, job: NewJob) -> EnqueueResult:
-        """Enqueue by key, or replace the live job's payload, meta and policy fields.
+        """Enqueue by key, or replace the live job's content: payload, meta, policy,
+        max_attempts, timeout, queue, handler and event_scope.
 
         Replacing happens only while the live job is not ``running``; a running job is returned
         unchanged with ``created=False``. ``job.key`` must be set.

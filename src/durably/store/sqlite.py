@@ -29,6 +29,7 @@ from durably.errors import (
     Conflict,
     InvalidTransition,
     JobNotFound,
+    KeyTaken,
     SchemaTooNew,
     StoreError,
     StoreUnavailable,
@@ -751,6 +752,10 @@ class SQLiteStore:
                 if cancel_running:
                     after_row = conn.execute(_Q["act_request_cancel"], params).fetchone()
                 elif request.action is Action.REQUEUE:
+                    if before.key is not None:
+                        holder = conn.execute(_Q["live_job_by_key"], (before.key,)).fetchone()
+                        if holder is not None and holder["id"] != before.id:
+                            raise KeyTaken(before.id, holder["id"])
                     params["reset"] = int(request.reset_attempts)
                     after_row = conn.execute(_Q["act_requeue"], params).fetchone()
                 else:

@@ -1,0 +1,812 @@
+"""The Redis store: jobs in hashes, due times and leases in sorted sets, transitions in Lua.
+
+Every state transition is one Lua script (``store/lua/<name>.lua``, each prefixed with
+``_lib.lua``), so no transition is ever half applied and every time comes from the server's
+``TIME`` (or, in tests, from the injected clock passed as an argument).
+
+Key layout, all under the hash-tagged root ``{prefix}`` (one cluster slot per namespace)::
+
+    {p}:schema                  schema version
+    {p}:seq                     job id counter
+    {p}:job:<id>                hash: the job (JSON fields as JSON text, times in microseconds)
+    {p}:job:<id>:attempts       list: attempt records (JSON), oldest first
+    {p}:job:<id>:audit          list: audit entries (JSON), oldest first
+    {p}:all                     zset: every job id (score = id)
+    {p}:status:<status>         zset: job ids per status (score = id)
+    {p}:counts                  hash: "<status>|<queue>" -> number of jobs
+    {p}:due:<queue>             zset: waiting (pending, retrying) ids, score = run_at
+    {p}:leases                  zset: running ids, score = lease expiry
+    {p}:finished                zset: ids with finished_at, score = finished_at (for pruning)
+    {p}:keys                    hash: idempotency key -> live job id
+    {p}:key:<key>               zset: ids of every job that had the key (score = id)
+    {p}:batch:<batch_id>        zset: ids of the batch (score = id)
+    {p}:batchcounts:<batch_id>  hash: status -> number of the batch's jobs
+    {p}:wake:<queue>            list: wake-up tokens, popped by ``wait`` with BLPOP
+    {p}:evseq                   outbox event id counter
+    {p}:event:<eid>             hash: one outbox event (its payload's source data, lease, ...)
+    {p}:events                  zset: undelivered event ids (score = id)
+    {p}:jobevents:<id>          zset: a job's undelivered event ids, for in-order delivery
+
+Index members are zero-padded ids so that ties on a score order by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from durably.errors import (
+    ConfigError,
+    Conflict,
+    DurablyError,
+    InvalidTransition,
+    JobNotFound,
+    KeyTaken,
+    PayloadError,
+    SchemaTooNew,
+    StoreError,
+    StoreUnavailable,
+)
+from durably.events import batch_payload, processed_payload
+from durably.job import (
+    ACTIONS,
+    JSON,
+    Attempt,
+    AuditEntry,
+    Completion,
+    Event,
+    Job,
+    JobFilter,
+    NewJob,
+    Outcome,
+    Status,
+)
+from durably.store import mask_url
+from durably.store.base import (
+    ActionRequest,
+    ClaimRequest,
+    EnqueueResult,
+    HeartbeatResult,
+    Lease,
+)
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+SCHEMA_VERSION = 1
+MIGRATIONS = ("001_initial",)
+"""Redis has no DDL: a migration is a step of the key layout, recorded in ``{p}:schema``."""
+
+SCRIPTS = (
+    "migrate",
+    "enqueue",
+    "upsert",
+    "claim",
+    "heartbeat",
+    "complete",
+    "release",
+    "act",
+    "prune",
+    "claim_events",
+    "ack_events",
+    "retry_event",
+)
+"""Every Lua script the store runs; each file in ``store/lua`` but ``_lib.lua`` is one of them."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+_PAGE = 200
+_PRUNE_BATCH = 500
+
+_ATTEMPT_OUTCOMES = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.RETRY: "failed",
+    Outcome.DEAD_LETTER: "failed",
+    Outcome.CANCELLED: "cancelled",
+}
+
+
+def _us(dt: datetime) -> int:
+    """Microseconds since the epoch, exactly."""
+    return (dt - _EPOCH) // _MICRO
+
+
+def _seconds_us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _dt(value: str) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(value))
+
+
+def _opt_dt(value: str | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _opt_int(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _dumps(value: JSON, what: str) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _text(value: str | None) -> str | None:
+    """Free text made valid UTF-8 (a lone surrogate, say from an exception message, becomes
+    ``?``) so that Lua's JSON and Redis keep it intact."""
+    return None if value is None else value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _job(fields: Mapping[str, str]) -> Job:
+    """A :class:`Job` from its hash fields (a missing field is ``None``)."""
+    g = fields.get
+    return Job(
+        id=int(fields["id"]),
+        queue=fields["queue"],
+        handler=fields["handler"],
+        payload=json.loads(fields["payload"]),
+        status=Status(fields["status"]),
+        attempts=int(fields["attempts"]),
+        max_attempts=_opt_int(g("max_attempts")),
+        policy=json.loads(g("policy") or "{}"),
+        run_at=_dt(fields["run_at"]),
+        version=int(fields["version"]),
+        created_at=_dt(fields["created_at"]),
+        updated_at=_dt(fields["updated_at"]),
+        key=g("key"),
+        timeout=_opt_float(g("timeout")),
+        batch_id=g("batch_id"),
+        item_index=_opt_int(g("item_index")),
+        event_scope=g("event_scope"),
+        meta=json.loads(g("meta") or "{}"),
+        worker_id=g("worker_id"),
+        lease_token=g("lease_token"),
+        lease_expires_at=_opt_dt(g("lease_expires_at")),
+        cancel_requested=g("cancel_requested") == "1",
+        first_attempt_at=_opt_dt(g("first_attempt_at")),
+        finished_at=_opt_dt(g("finished_at")),
+        classification=g("classification"),
+        last_error=g("last_error"),
+        last_error_type=g("last_error_type"),
+        result=json.loads(fields["result"]) if "result" in fields else None,
+        operator=g("operator"),
+        operator_notes=g("operator_notes"),
+    )
+
+
+def _event(fields: Mapping[str, str]) -> Event:
+    """An :class:`Event` from its hash; the payload is built from the state it recorded."""
+    data = json.loads(fields["data"])
+    payload: dict[str, JSON]
+    if fields["kind"] == "batch":
+        counts = {str(k): int(v) for k, v in data["counts"].items()}
+        payload = batch_payload(data["batch_id"], counts, _dt(data["at"]))
+    else:
+        payload = processed_payload(_job(data))
+    return Event(
+        id=int(fields["id"]),
+        type=fields["type"],
+        payload=payload,
+        created_at=_dt(fields["created_at"]),
+        job_id=_opt_int(fields.get("job_id")),
+        attempts=int(fields["attempts"]),
+        lease_token=fields.get("lease_token"),
+    )
+
+
+def _matches(job: Job, where: JobFilter) -> bool:
+    return (
+        (where.statuses is None or job.status in where.statuses)
+        and (where.queue is None or job.queue == where.queue)
+        and (where.handler is None or job.handler == where.handler)
+        and (where.batch_id is None or job.batch_id == where.batch_id)
+        and (where.classification is None or job.classification == where.classification)
+        and (where.key is None or job.key == where.key)
+    )
+
+
+def _check_queue(queue: str) -> str:
+    if not QUEUE_PATTERN.match(queue):
+        raise ConfigError(
+            f"invalid queue name {queue!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
+        )
+    return queue
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files("durably.store").joinpath("lua")
+    return (
+        lua.joinpath("_lib.lua").read_text("utf-8")
+        + "\n"
+        + lua.joinpath(f"{name}.lua").read_text("utf-8")
+    )
+
+
+class RedisStore:
+    """A :class:`~durably.store.base.Store` on Redis (5.0+; 7+ recommended).
+
+    >>> store = RedisStore("redis://localhost:6379/0", prefix="billing")  # doctest: +SKIP
+    >>> await store.open()  # doctest: +SKIP
+
+    Redis must not evict keys (``maxmemory-policy noeviction``) and should persist with AOF
+    (see ``docs/redis.md``); ``open()`` refuses an evicting server unless ``allow_eviction``.
+    Several applications may share one server with different ``prefix`` values.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "durably",
+        clock: Callable[[], datetime] | None = None,
+        allow_eviction: bool = False,
+        socket_timeout: float | None = 30.0,
+        socket_connect_timeout: float = 5.0,
+        max_connections: int | None = None,
+    ) -> None:
+        if not PREFIX_PATTERN.match(prefix):
+            raise ConfigError(
+                f"invalid Redis prefix {prefix!r}: use 1-64 letters, digits, '_', '.', ':' or '-'"
+            )
+        self.url = mask_url(url)
+        self.prefix = prefix
+        self._raw_url = url
+        self._root = "{" + prefix + "}"
+        self._clock = clock
+        self._allow_eviction = allow_eviction
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = socket_connect_timeout
+        self._max_connections = max_connections
+        self.client_name = f"durably:{prefix}:{secrets.token_hex(6)}"
+        """Unique ``CLIENT SETNAME`` of this store's connections (``:wait`` for wake-ups)."""
+        self._client: aioredis.Redis | None = None
+        self._waiter: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self.script_calls: dict[str, int] = dict.fromkeys(SCRIPTS, 0)
+        """How often each Lua script ran (lets tests prove no script is dead)."""
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        """A store for a ``redis://``, ``rediss://`` or ``unix://`` URL (options: ``__init__``)."""
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self._root, *parts))
+
+    def _connect(self, name: str, socket_timeout: float | None) -> aioredis.Redis:
+        # No automatic retries: re-sending a script whose reply was lost could apply it twice.
+        # A connection killed while idle is replaced when next taken from the pool.
+        kwargs: dict[str, Any] = {
+            "decode_responses": True,
+            "client_name": name,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": self._connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+        }
+        if self._max_connections is not None:
+            kwargs["max_connections"] = self._max_connections
+        client: aioredis.Redis = aioredis.Redis.from_url(self._raw_url, **kwargs)
+        return client
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreError(f"{self!r} is not open: await store.open() first")
+        return self._client
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, doing: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except DurablyError:
+            raise
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(
+                f"Redis at {self.url} is unavailable while {doing}: {exc}"
+            ) from exc
+        except redis_errors.RedisError as exc:
+            raise StoreError(f"Redis at {self.url} failed while {doing}: {exc}") from exc
+
+    def _now_arg(self) -> str:
+        return "" if self._clock is None else str(_us(self._clock()))
+
+    async def _run(self, name: str, args: Sequence[str | int]) -> Any:
+        self.script_calls[name] += 1
+        return await self._scripts[name](keys=[self._root], args=list(args))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, refuse an evicting server, refuse a newer schema, migrate if behind."""
+        if self._client is not None:
+            return
+        client = self._connect(self.client_name, self._socket_timeout)
+        self._client = client
+        self._waiter = self._connect(self.client_name + ":wait", None)
+        self._scripts = {name: client.register_script(_load_script(name)) for name in SCRIPTS}
+        try:
+            async with self._errors("opening"):
+                await self._check_eviction(client)
+                await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _check_eviction(self, client: aioredis.Redis) -> None:
+        try:
+            config = await client.config_get("maxmemory-policy")
+        except redis_errors.ResponseError as exc:
+            log.warning(
+                "cannot read maxmemory-policy of Redis at %s (%s); make sure it is 'noeviction', "
+                "or Redis may silently drop jobs under memory pressure",
+                self.url,
+                exc,
+            )
+            return
+        policy = config.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction" and not self._allow_eviction:
+            raise ConfigError(
+                f"Redis at {self.url} has maxmemory-policy {policy!r}: under memory pressure it "
+                "would silently evict jobs. Run 'CONFIG SET maxmemory-policy noeviction' (and set "
+                "it in redis.conf), or pass allow_eviction=True if losing jobs is acceptable."
+            )
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+        clients = [c for c in (self._client, self._waiter) if c is not None]
+        self._client = self._waiter = None
+        for client in clients:
+            with contextlib.suppress(redis_errors.RedisError, OSError):
+                await client.aclose()
+
+    async def migrate(self, *, dry_run: bool = False) -> list[str]:
+        """Bring the key layout to this code's schema (atomically); return the steps applied."""
+        async with self._errors("migrating"):
+            current, _applied = await self._run(
+                "migrate", [SCHEMA_VERSION, "1" if dry_run else "0"]
+            )
+        current = int(current)
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"Redis prefix {self.prefix!r} at {self.url} has schema {current}, newer than "
+                f"this durably ({SCHEMA_VERSION}); upgrade durably to use it"
+            )
+        return list(MIGRATIONS[current:SCHEMA_VERSION])
+
+    async def schema_version(self) -> int:
+        """The schema recorded under the prefix (0 for an empty namespace)."""
+        async with self._errors("reading the schema version"):
+            value = await self._redis.get(self._k("schema"))
+        return int(value or 0)
+
+    async def now(self) -> datetime:
+        """The store's clock: the injected one, else Redis ``TIME``."""
+        if self._clock is not None:
+            return self._clock()
+        async with self._errors("reading the time"):
+            seconds, micros = await self._redis.time()
+        return _EPOCH + timedelta(seconds=int(seconds), microseconds=int(micros))
+
+    async def drop_namespace(self) -> None:
+        """Delete every key under this store's prefix (tests and teardown)."""
+        async with self._errors("dropping the namespace"):
+            batch: list[str] = []
+            async for key in self._redis.scan_iter(match=self._k("*"), count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await self._redis.unlink(*batch)
+                    batch.clear()
+            if batch:
+                await self._redis.unlink(*batch)
+
+    # -- producers -------------------------------------------------------------------------
+
+    def _spec(self, job: NewJob) -> str:
+        fields: dict[str, str] = {
+            "queue": _check_queue(job.queue),
+            "handler": job.handler,
+            "payload": _dumps(job.payload, "payload"),
+            "policy": _dumps(dict(job.policy), "policy"),
+            "meta": _dumps(dict(job.meta), "meta"),
+        }
+        optional: dict[str, object] = {
+            "key": job.key,
+            "max_attempts": job.max_attempts,
+            "timeout": job.timeout,
+            "batch_id": job.batch_id,
+            "item_index": job.item_index,
+            "event_scope": job.event_scope,
+        }
+        for name, value in optional.items():
+            if value is not None:
+                fields[name] = repr(value) if isinstance(value, float) else str(value)
+        return json.dumps({"f": fields, "delay": max(0, _seconds_us(job.delay))})
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+        """Insert jobs in one script call, in order; live keys return their job."""
+        if not jobs:
+            return []
+        specs = [self._spec(job) for job in jobs]
+        async with self._errors("enqueueing"):
+            rows = await self._run("enqueue", [self._now_arg(), *specs])
+        return [EnqueueResult(_job(json.loads(doc)), created == 1) for created, doc in rows]
+
+    async def upsert(self, job: NewJob) -> EnqueueResult:
+        """Enqueue by key, or replace the live (not running) job's payload, meta and policy."""
+        if job.key is None:
+            raise ConfigError("upsert needs a job with a key")
+        spec = self._spec(job)
+        async with self._errors("upserting"):
+            created, doc = await self._run("upsert", [self._now_arg(), spec])
+        return EnqueueResult(_job(json.loads(doc)), created == 1)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest) -> list[Job]:
+        """Claim due jobs under fresh leases (see :class:`ClaimRequest`)."""
+        if request.limit <= 0 or not request.queues:
+            return []
+        queues = [_check_queue(q) for q in dict.fromkeys(request.queues)]
+        tokens = [secrets.token_hex(16) for _ in range(request.limit)]
+        args: list[str | int] = [
+            self._now_arg(),
+            request.worker_id,
+            request.limit,
+            _seconds_us(request.lease_seconds),
+            request.batch_id or "",
+            "1" if request.due_only else "0",
+            len(queues),
+            *queues,
+            *tokens,
+        ]
+        async with self._errors("claiming"):
+            rows = await self._run("claim", args)
+        return [_job(json.loads(doc)) for doc in rows]
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
+        """Extend the leases still held; report which were renewed and which should cancel."""
+        if not leases:
+            return HeartbeatResult(frozenset(), frozenset())
+        args: list[str | int] = [self._now_arg(), _seconds_us(lease_seconds)]
+        for lease in leases:
+            args += [lease.job_id, lease.lease_token]
+        async with self._errors("heartbeating"):
+            renewed, cancel = await self._run("heartbeat", args)
+        return HeartbeatResult(
+            frozenset(int(i) for i in renewed), frozenset(int(i) for i in cancel)
+        )
+
+    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+        """Apply attempt endings in one script call, fenced by lease token."""
+        if not completions:
+            return []
+        specs: list[str] = []
+        for c in completions:
+            spec: dict[str, object] = {
+                "id": c.job_id,
+                "token": c.lease_token,
+                "attempt": c.attempt,
+                "outcome": Outcome(c.outcome).value,
+                "attempt_outcome": c.attempt_outcome or _ATTEMPT_OUTCOMES[Outcome(c.outcome)],
+                "retry_us": max(0, _seconds_us(c.retry_in)),
+                "require_expired": c.require_expired,
+            }
+            optional: dict[str, str | None] = {
+                "result": None if c.result is None else _dumps(c.result, "result"),
+                "classification": _text(c.classification),
+                "error_type": _text(c.error_type),
+                "error_message": _text(c.error_message),
+                "duration": None if c.duration is None else repr(float(c.duration)),
+            }
+            spec.update({k: v for k, v in optional.items() if v is not None})
+            specs.append(json.dumps(spec))
+        async with self._errors("completing"):
+            applied = await self._run("complete", [self._now_arg(), *specs])
+        return [flag == 1 for flag in applied]
+
+    async def release(self, leases: Sequence[Lease]) -> int:
+        """Hand back claimed, unstarted jobs as if never claimed; return how many."""
+        if not leases:
+            return 0
+        args: list[str | int] = [self._now_arg()]
+        for lease in leases:
+            args += [lease.job_id, lease.lease_token]
+        async with self._errors("releasing"):
+            released = await self._run("release", args)
+        return int(released)
+
+    async def expired(self, limit: int) -> list[Job]:
+        """Running jobs whose lease expired on the store's clock, oldest expiry first."""
+        if limit <= 0:
+            return []
+        now = _us(await self.now())
+        async with self._errors("listing expired leases"):
+            members = await self._redis.zrangebyscore(
+                self._k("leases"), "-inf", f"({now}", start=0, num=limit
+            )
+            jobs = await self._fetch(int(str(m)) for m in members)
+        return [
+            j
+            for j in jobs
+            if j.status is Status.RUNNING
+            and j.lease_expires_at is not None
+            and _us(j.lease_expires_at) < now
+        ]
+
+    async def next_due_in(self, queues: Sequence[str]) -> float | None:
+        """Seconds until the earliest waiting job in ``queues`` is due (0 if due now)."""
+        if not queues:
+            return None
+        async with self._errors("reading due times"):
+            pipe = self._redis.pipeline(transaction=False)
+            for queue in queues:
+                pipe.zrange(self._k("due", _check_queue(queue)), 0, 0, withscores=True)
+            heads = await pipe.execute()
+        scores = [float(head[0][1]) for head in heads if head]
+        if not scores:
+            return None
+        now = _us(await self.now())
+        return max(0.0, (min(scores) - now) / 1_000_000)
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block (BLPOP on the queues' wake lists) until an enqueue wakes us or ``timeout``."""
+        if self._waiter is None:
+            raise StoreError(f"{self!r} is not open: await store.open() first")
+        if not queues:
+            await asyncio.sleep(max(0.0, timeout))
+            return False
+        keys = [self._k("wake", _check_queue(q)) for q in queues]
+        async with self._errors("waiting for jobs"):
+            if timeout <= 0:
+                pipe = self._waiter.pipeline(transaction=False)
+                for key in keys:
+                    pipe.lpop(key)
+                return any(v is not None for v in await pipe.execute())
+            popped = await self._waiter.blpop(keys, timeout=timeout)
+        return popped is not None
+
+    # -- operators -------------------------------------------------------------------------
+
+    async def _fetch(self, ids: Iterable[int]) -> list[Job]:
+        """The jobs with these ids, in order, skipping ids that no longer exist."""
+        pipe = self._redis.pipeline(transaction=False)
+        count = 0
+        for job_id in ids:
+            pipe.hgetall(self._k("job", str(job_id)))
+            count += 1
+        if not count:
+            return []
+        return [_job(fields) for fields in await pipe.execute() if fields]
+
+    async def get(self, job_id: int) -> Job:
+        """The job, or ``JobNotFound``."""
+        async with self._errors("reading a job"):
+            fields = await self._redis.hgetall(self._k("job", str(int(job_id))))
+        if not fields:
+            raise JobNotFound(job_id)
+        return _job({str(k): str(v) for k, v in fields.items()})
+
+    async def get_by_key(self, key: str) -> Job | None:
+        """The live job holding ``key``, else the newest job that had it, else None."""
+        async with self._errors("reading a job by key"):
+            live = await self._redis.hget(self._k("keys"), key)
+            candidates = [int(live)] if live is not None else []
+            newest = await self._redis.zrevrange(self._k("key", key), 0, 0)
+            candidates += [int(str(m)) for m in newest]
+            for job in await self._fetch(candidates):
+                if job.key == key:
+                    return job
+        return None
+
+    async def list_jobs(
+        self, where: JobFilter, *, limit: int = 100, after_id: int | None = None
+    ) -> list[Job]:
+        """Jobs matching ``where``, newest first, below ``after_id`` if given."""
+        if limit <= 0:
+            return []
+        if where.key is not None:
+            sources = [self._k("key", where.key)]
+        elif where.batch_id is not None:
+            sources = [self._k("batch", where.batch_id)]
+        elif where.statuses is not None:
+            sources = [self._k("status", Status(s).value) for s in where.statuses]
+        else:
+            sources = [self._k("all")]
+        found: list[Job] = []
+        below = after_id
+        async with self._errors("listing jobs"):
+            while sources and len(found) < limit:
+                ids = await self._page(sources, below)
+                if not ids:
+                    break
+                found += [j for j in await self._fetch(ids) if _matches(j, where)]
+                below = ids[-1]
+        return found[:limit]
+
+    async def _page(self, sources: Sequence[str], below: int | None) -> list[int]:
+        """The next ``_PAGE`` ids (descending) below ``below`` across the index sets."""
+        top = "+inf" if below is None else f"({below}"
+        pipe = self._redis.pipeline(transaction=False)
+        for source in sources:
+            pipe.zrevrangebyscore(source, top, "-inf", start=0, num=_PAGE)
+        merged = {int(m) for members in await pipe.execute() for m in members}
+        return sorted(merged, reverse=True)[:_PAGE]
+
+    async def attempts(self, job_id: int) -> list[Attempt]:
+        """The job's attempts, oldest first."""
+        entries = await self._history(job_id, "attempts")
+        return [
+            Attempt(
+                job_id=int(e["job_id"]),
+                number=int(e["number"]),
+                worker_id=e["worker_id"],
+                started_at=_dt(e["started_at"]),
+                finished_at=_opt_dt(e.get("finished_at")),
+                outcome=e.get("outcome"),
+                classification=e.get("classification"),
+                error_type=e.get("error_type"),
+                error_message=e.get("error_message"),
+                duration=_opt_float(e.get("duration")),
+            )
+            for e in entries
+        ]
+
+    async def audit(self, job_id: int) -> list[AuditEntry]:
+        """The job's audit trail, oldest first."""
+        entries = await self._history(job_id, "audit")
+        return [
+            AuditEntry(
+                job_id=int(e["job_id"]),
+                at=_dt(e["at"]),
+                actor=e["actor"],
+                action=e["action"],
+                from_status=e["from_status"],
+                to_status=e["to_status"],
+                version=int(e["version"]),
+                notes=e.get("notes"),
+            )
+            for e in entries
+        ]
+
+    async def _history(self, job_id: int, kind: str) -> list[dict[str, str]]:
+        """The job's ``attempts`` or ``audit`` entries (none for an unknown job)."""
+        async with self._errors(f"reading {kind}"):
+            raw = await self._redis.lrange(self._k("job", str(int(job_id)), kind), 0, -1)
+        return [json.loads(entry) for entry in raw]
+
+    async def act(self, request: ActionRequest) -> Job:
+        """Apply one operator action with its audit entry (see :class:`ActionRequest`)."""
+        rule = ACTIONS[request.action]
+        spec: dict[str, object] = {
+            "id": int(request.job_id),
+            "action": request.action.value,
+            "target": rule.target.value,
+            "sources": sorted(s.value for s in rule.sources),
+            "actor": _text(request.actor),
+            "reset": request.reset_attempts,
+        }
+        if request.notes is not None:
+            spec["notes"] = _text(request.notes)
+        if request.expected_version is not None:
+            spec["expected_version"] = request.expected_version
+        async with self._errors(f"applying {request.action.value}"):
+            reply = await self._run("act", [self._now_arg(), json.dumps(spec)])
+        code = reply[0]
+        if code == "ok":
+            return _job(json.loads(reply[1]))
+        if code == "notfound":
+            raise JobNotFound(request.job_id)
+        if code == "conflict":
+            raise Conflict(request.job_id, request.expected_version or 0, int(reply[1]))
+        if code == "invalid":
+            raise InvalidTransition(
+                request.job_id,
+                str(reply[1]),
+                request.action.value,
+                frozenset(s.value for s in rule.sources),
+            )
+        if code == "keytaken":
+            raise KeyTaken(request.job_id, int(reply[1]))
+        raise StoreError(f"unexpected reply from the act script: {reply!r}")
+
+    async def counts(self) -> dict[tuple[str, Status], int]:
+        """How many jobs per (queue, status)."""
+        async with self._errors("counting jobs"):
+            raw = await self._redis.hgetall(self._k("counts"))
+        out: dict[tuple[str, Status], int] = {}
+        for field, value in raw.items():
+            status, _, queue = str(field).partition("|")
+            if int(value) > 0:
+                out[(queue, Status(status))] = int(value)
+        return out
+
+    async def prune(self, older_than: float, statuses: frozenset[Status]) -> int:
+        """Delete jobs in ``statuses`` finished ``older_than`` seconds ago, in bounded batches."""
+        if not statuses:
+            return 0
+        names = sorted(Status(s).value for s in statuses)
+        total = 0
+        async with self._errors("pruning"):
+            while True:
+                args: list[str | int] = [
+                    self._now_arg(),
+                    _seconds_us(older_than),
+                    _PRUNE_BATCH,
+                    *names,
+                ]
+                deleted, more = await self._run("prune", args)
+                total += int(deleted)
+                if not more:
+                    return total
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def claim_events(self, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease due events, oldest id first, never overtaking an older event of the same job."""
+        if limit <= 0:
+            return []
+        tokens = [secrets.token_hex(16) for _ in range(limit)]
+        args: list[str | int] = [self._now_arg(), limit, _seconds_us(lease_seconds), *tokens]
+        async with self._errors("claiming events"):
+            rows = await self._run("claim_events", args)
+        return sorted((_event(_pairs(fields)) for fields in rows), key=lambda e: e.id)
+
+    async def ack_events(self, events: Sequence[Event]) -> int:
+        """Delete delivered events, fenced by their lease token; return how many."""
+        args: list[str | int] = []
+        for event in events:
+            if event.lease_token is not None:
+                args += [event.id, event.lease_token]
+        if not args:
+            return 0
+        async with self._errors("acknowledging events"):
+            return int(await self._run("ack_events", args))
+
+    async def retry_event(self, event: Event, retry_in: float, error: str) -> bool:
+        """Make a failed delivery due again in ``retry_in`` seconds (fenced by lease token)."""
+        if event.lease_token is None:
+            return False
+        args: list[str | int] = [
+            self._now_arg(),
+            event.id,
+            event.lease_token,
+            max(0, _seconds_us(retry_in)),
+            _text(error[:4000]) or "",
+        ]
+        async with self._errors("retrying an event"):
+            return int(await self._run("retry_event", args)) == 1
