@@ -125,14 +125,15 @@ class Durably:
         **store_options: Any,
     ) -> None:
         self.url = url or os.environ.get("DURABLY_URL") or DEFAULT_URL
-        self._store_factory = store or (lambda: from_url(self.url, **store_options))
+        self._store_options = dict(store_options)
+        self._store_factory = store or (lambda: from_url(self.url, **self._store_options))
         self._probe = self._store_factory()  # validates the URL now, not at first use
         self.default_queue = _check_name("queue", default_queue, _QUEUE)
         self.default_policy = default_policy or RetryPolicy()
         self.max_payload_bytes = max_payload_bytes
         self.strict = strict
         self.operations: dict[str, Operation] = {}
-        self._stores: dict[asyncio.AbstractEventLoop, Store] = {}
+        self._stores: dict[asyncio.AbstractEventLoop, asyncio.Task[Store]] = {}
         self._stores_lock = threading.Lock()
         self._portal = _Portal()
         self.telemetry = telemetry or Telemetry()
@@ -142,11 +143,13 @@ class Durably:
     def use_url(self, url: str, **store_options: Any) -> None:
         """Point the app at another store (for example the CLI's ``--url``).
 
-        Closes the stores opened so far; the next call opens the new one.
+        Store options given at construction (``schema=``, ``prefix=``) are kept unless
+        overridden here. Closes the stores opened so far; the next call opens the new one.
         """
         self.close()
         self.url = url
-        self._store_factory = lambda: from_url(url, **store_options)
+        self._store_options.update(store_options)
+        self._store_factory = lambda: from_url(self.url, **self._store_options)
         self._probe = self._store_factory()
 
     def __repr__(self) -> str:
@@ -220,20 +223,24 @@ class Durably:
         """This event loop's store, opened (and migrated) on first use."""
         loop = asyncio.get_running_loop()
         with self._stores_lock:
-            store = self._stores.get(loop)
-            if store is None:
+            opening = self._stores.get(loop)
+            if opening is None:
                 store = self._probe if not self._stores else self._store_factory()
-                self._stores[loop] = store
-                fresh = True
-            else:
-                fresh = False
-        if fresh:
-            try:
-                await store.open()
-            except BaseException:
+                opening = loop.create_task(self._open(store))
+                self._stores[loop] = opening
+        try:
+            # Every caller on this loop waits for the same open(): none gets a half-open store.
+            return await asyncio.shield(opening)
+        except BaseException:
+            if opening.done():
                 with self._stores_lock:
-                    self._stores.pop(loop, None)
-                raise
+                    if self._stores.get(loop) is opening:
+                        del self._stores[loop]
+            raise
+
+    @staticmethod
+    async def _open(store: Store) -> Store:
+        await store.open()
         return store
 
     def store(self) -> Store:
@@ -244,8 +251,12 @@ class Durably:
         """Close this loop's store."""
         loop = asyncio.get_running_loop()
         with self._stores_lock:
-            store = self._stores.pop(loop, None)
-        if store is not None:
+            opening = self._stores.pop(loop, None)
+        if opening is not None:
+            try:
+                store = await opening
+            except Exception:  # it never opened: nothing to close
+                return
             await store.close()
 
     def close(self) -> None:
@@ -300,6 +311,8 @@ class Durably:
             raise ConfigError("key must be a non-empty string of at most 512 characters")
         if delay is not None and delay < 0:
             raise ConfigError(f"delay must not be negative, not {delay}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout}")
         return NewJob(
             handler=name,
             payload=payload,
@@ -613,6 +626,10 @@ class Durably:
         """Delete finished jobs older than ``older_than`` seconds (terminal statuses by default)."""
         store = await self.store_async()
         return await store.prune(older_than, frozenset(statuses or TERMINAL))
+
+    def prune(self, older_than: float, statuses: Iterable[Status] | None = None) -> int:
+        """Synchronous :meth:`prune_async`."""
+        return self._sync(self.prune_async(older_than, statuses))
 
     # -- batches (seed 001) -----------------------------------------------------------------
 

@@ -26,11 +26,12 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from durably.errors import ConfigError, StoreError
+from durably.events import Publisher
 from durably.executor import (
     JobContext,
     Operation,
@@ -41,6 +42,7 @@ from durably.executor import (
 )
 from durably.job import Completion, Job, Outcome
 from durably.store.base import ClaimRequest, Lease, Store
+from durably.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from durably.app import Durably
@@ -142,6 +144,8 @@ class Worker:
         burst: bool = False,
         worker_id: str | None = None,
         rand: Callable[[], float] = random.random,
+        publish_events: bool = True,
+        census_interval: float = 15.0,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, not {concurrency}")
@@ -164,15 +168,24 @@ class Worker:
         self.burst = burst
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.rand = rand
+        self.publish_events = publish_events
+        self.census_interval = census_interval
         self.stats: Counter[str] = Counter()
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self._running: dict[int, _Running] = {}
+        # Claimed jobs still waiting for a runner that must not start: "lost" (the lease was
+        # taken over) or "cancel" (an operator cancelled them), as the heartbeat found.
+        self._skip: dict[int, str] = {}
         self._pending: list[Completion] = []
         self._pending_event = asyncio.Event()
+        self._closing = False  # set at shutdown: the completer drains what is left and returns
         self._slot_free = asyncio.Event()
         self._store: Store | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._inflight: dict[int, Job] = {}  # claimed jobs by id, until their ending is written
+        self.telemetry = app.telemetry
+        self.publisher: Publisher | None = None
 
     # -- control ----------------------------------------------------------------------------
 
@@ -206,16 +219,30 @@ class Worker:
             ",".join(self.queues),
             self.concurrency,
         )
+        # Jobs stranded by a crashed worker are ended before this one claims (burst included).
+        await self._guarded(self._rescue)
         runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
+        completer = asyncio.create_task(self._completer())
         services = [
-            asyncio.create_task(self._completer()),
             asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat)),
             asyncio.create_task(self._every(self.rescue_interval, self._rescue)),
         ]
+        if type(self.telemetry) is not Telemetry:
+            services.append(asyncio.create_task(self._every(self.census_interval, self._census)))
+        publisher_stop = asyncio.Event()
+        sinks = self.app.all_sinks()
+        if sinks and self.publish_events:
+            self.publisher = Publisher(self._store, sinks, telemetry=self.telemetry, rand=self.rand)
+            publishing = asyncio.create_task(
+                self.publisher.run(publisher_stop, poll_interval=self.poll_interval)
+            )
         try:
             await self._fetch_loop()
         finally:
-            await self._shutdown(runners, services)
+            await self._shutdown(runners, services, completer)
+            publisher_stop.set()
+            if self.publisher is not None:
+                await publishing
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -252,6 +279,8 @@ class Worker:
                 continue
             for job in jobs:
                 self.stats["claimed"] += 1
+                self._inflight[job.id] = job
+                self.telemetry.job_started(job, (job.updated_at - job.run_at).total_seconds())
                 self._queue.put_nowait(job)
             if len(jobs) == limit:
                 continue  # probably more work: claim again at once
@@ -267,7 +296,10 @@ class Worker:
             due = None
         idle = not self._running and self._queue.empty()
         if self.burst and idle and (due is None or due > self.poll_interval):
-            return True
+            # Before leaving, end what a crashed worker left behind: it may be due now.
+            before = self.stats["rescued"]
+            await self._guarded(self._rescue)
+            return self.stats["rescued"] == before
         timeout = self.poll_interval if due is None else min(self.poll_interval, due)
         if timeout > 0:
             await self._until(self.store.wait(self.queues, timeout), timeout)
@@ -303,6 +335,21 @@ class Worker:
             self._slot_free.set()
 
     async def _run_one(self, job: Job) -> None:
+        skip = self._skip.pop(job.id, None)
+        if skip == "lost":
+            log.warning(
+                "worker %s lost the lease of job %s before starting it; skipping it",
+                self.worker_id,
+                job.id,
+                extra=_job_extra(job),
+            )
+            return
+        if skip == "cancel":
+            self._pending.append(
+                cancelled_completion(job, 0.0, "cancelled by an operator before it started")
+            )
+            self._pending_event.set()
+            return
         operation = self.app.operations.get(job.handler)
         context = JobContext(job=job, attempt=job.attempts, worker_id=self.worker_id)
         running = _Running(job=job, context=context, started=time.monotonic())
@@ -312,6 +359,12 @@ class Worker:
         )
         try:
             completion: Completion | None = await running.task
+        except Exception:
+            # execute() never raises by design; if it does anyway, this job's lease will expire
+            # and the rescuer retries it. The worker itself must carry on.
+            log.exception("internal error running job %s", job.id, extra=_job_extra(job))
+            self.stats["internal_errors"] += 1
+            completion = None
         except asyncio.CancelledError:
             context.cancel()
             duration = time.monotonic() - running.started
@@ -335,6 +388,8 @@ class Worker:
         """Write endings in batches; on store errors keep them and try again (fenced, so safe)."""
         failures = 0
         while True:
+            if self._closing and not self._pending:
+                return
             await self._pending_event.wait()
             self._pending_event.clear()
             batch, self._pending = self._pending, []
@@ -348,13 +403,23 @@ class Worker:
                 delay = min(10.0, 0.05 * 2 ** min(failures, 10))
                 log.error("cannot record %d job endings (%s); retrying", len(batch), exc)
                 self._pending[:0] = batch
+                if self._closing:
+                    return  # shutdown's flush() makes the last try
                 await asyncio.sleep(delay)
                 self._pending_event.set()
                 continue
+            except asyncio.CancelledError:
+                # Torn down mid-write: keep the endings for flush(). Writes are fenced, so one
+                # that did land is only rejected the second time, never applied twice.
+                self._pending[:0] = batch
+                raise
             for completion, ok in zip(batch, applied, strict=True):
                 self._account(completion, ok)
 
     def _account(self, completion: Completion, ok: bool) -> None:
+        job = self._inflight.pop(completion.job_id, None)
+        if job is not None:
+            self.telemetry.attempt_finished(job, completion, ok)
         if not ok:
             self.stats["stale_writes"] += 1
             log.warning(
@@ -395,13 +460,10 @@ class Worker:
 
     # -- leases -----------------------------------------------------------------------------
 
-    async def _every(self, interval: float, action: Callable[[], object]) -> None:
+    async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
-                await action()  # type: ignore[misc]
-            except StoreError as exc:
-                log.error("worker %s: %s failed: %s", self.worker_id, action.__name__, exc)
+            await self._guarded(action)
 
     async def _heartbeat(self) -> None:
         held = {r.job.id: r for r in self._running.values()}
@@ -411,7 +473,14 @@ class Worker:
         if not leases:
             return
         result = await self.store.heartbeat(leases, self.lease_seconds)
+        for job in waiting:
+            if job.id not in result.renewed:
+                self._skip[job.id] = "lost"
+            elif job.id in result.cancel_requested:
+                self._skip[job.id] = "cancel"
         for job_id, running in held.items():
+            if self._running.get(job_id) is not running:
+                continue  # it finished while the heartbeat was on its way
             if job_id not in result.renewed:
                 self._interrupt(running, "lost")
                 log.warning(
@@ -434,15 +503,35 @@ class Worker:
         rescued = await Rescuer(self.store, self.app.operations, rand=self.rand).run_once()
         self.stats["rescued"] += rescued
 
+    async def _census(self) -> None:
+        self.telemetry.job_counts(await self.store.counts())
+
+    async def _guarded(self, action: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await action()
+        except StoreError as exc:
+            log.error("worker %s: %s failed: %s", self.worker_id, action.__name__, exc)
+
     # -- shutdown ---------------------------------------------------------------------------
 
     async def _shutdown(
-        self, runners: list[asyncio.Task[None]], services: list[asyncio.Task[None]]
+        self,
+        runners: list[asyncio.Task[None]],
+        services: list[asyncio.Task[None]],
+        completer: asyncio.Task[None],
     ) -> None:
         unstarted: list[Job] = []
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            if job is not None:
+            if job is None:
+                continue
+            skip = self._skip.pop(job.id, None)
+            if skip == "cancel":
+                # Releasing would clear the operator's cancel request and run the job later.
+                self._pending.append(
+                    cancelled_completion(job, 0.0, "cancelled by an operator before it started")
+                )
+            elif skip is None:
                 unstarted.append(job)
         if unstarted:
             try:
@@ -468,9 +557,14 @@ class Worker:
             for running in list(self._running.values()):
                 self._interrupt(running, "shutdown")
             await asyncio.wait(still, timeout=5.0)
-        for task in services:
+        # Let the completer write what the last jobs produced instead of cancelling it mid-write
+        # (a cancelled write may never reach the store, leaving a finished job "running").
+        self._closing = True
+        self._pending_event.set()
+        await asyncio.wait({completer}, timeout=max(self.shutdown_timeout, 5.0))
+        for task in [completer, *services]:
             task.cancel()
-        for task in services:
+        for task in [completer, *services]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:

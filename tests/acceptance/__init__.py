@@ -1,0 +1,1 @@
+"""Acceptance tests: the ``durably`` CLI in real subprocesses, stopped by signals."""
