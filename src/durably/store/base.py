@@ -117,8 +117,8 @@ class ActionRequest:
     transaction.
 
     ``REQUEUE`` raises :class:`~durably.errors.KeyTaken` when the job's idempotency key is
-    held by another live job meanwhile. It sets ``run_at`` to now, clears the error fields, ``first_attempt_at`` and
-    ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
+    held by another live job meanwhile. It sets ``run_at`` to now, clears the error fields,
+    ``first_attempt_at`` and ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
     ``running`` job does not change its status: it sets ``cancel_requested`` (audited, version
     bumped) and returns the job, for its worker to see at the next heartbeat. Every action that
     ends the job sets ``finished_at`` and the ``operator`` fields; releasing the idempotency key
