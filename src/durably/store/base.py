@@ -116,13 +116,13 @@ class ActionRequest:
     (``actor``, ``action``, from/to status, the new ``version``, ``notes``) in the same
     transaction.
 
-    ``REQUEUE`` raises :class:`~durably.errors.KeyTaken` when the job's idempotency key is
-    held by another live job meanwhile. It sets ``run_at`` to now, clears the error fields,
-    ``first_attempt_at`` and ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to 0. ``CANCEL`` on a
-    ``running`` job does not change its status: it sets ``cancel_requested`` (audited, version
-    bumped) and returns the job, for its worker to see at the next heartbeat. Every action that
-    ends the job sets ``finished_at`` and the ``operator`` fields; releasing the idempotency key
-    is automatic because terminal jobs are not live.
+    ``REQUEUE`` raises :class:`~durably.errors.KeyTaken` when the job's idempotency key is held
+    by another live job meanwhile. It sets ``run_at`` to now, clears the error fields,
+    ``first_attempt_at`` and ``finished_at``, and with ``reset_attempts`` sets ``attempts`` to
+    0. ``CANCEL`` on a ``running`` job does not change its status: it sets ``cancel_requested``
+    (audited, version bumped) and returns the job, for its worker to see at the next heartbeat.
+    Every action that ends the job sets ``finished_at`` and the ``operator`` fields; releasing
+    the idempotency key is automatic because terminal jobs are not live.
     """
 
     job_id: int
