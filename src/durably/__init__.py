@@ -17,6 +17,7 @@ from durably.errors import (
     DurablyError,
     InvalidTransition,
     JobNotFound,
+    KeyTaken,
     PayloadError,
     Permanent,
     RetryAfter,
@@ -27,14 +28,17 @@ from durably.errors import (
     UnknownHandler,
 )
 from durably.executor import JobContext
+from durably.http import HTTP_OPERATION, http_payload, register_http
 from durably.job import Action, Attempt, AuditEntry, Classification, Job, JobFilter, Status
 from durably.policy import RetryPolicy, backoff
 from durably.retry import CancelToken, retry
+from durably.telemetry import PrometheusTelemetry, Telemetry
 from durably.worker import Rescuer, Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HTTP_OPERATION",
     "Action",
     "Attempt",
     "AttemptsExhausted",
@@ -52,8 +56,10 @@ __all__ = [
     "JobFilter",
     "JobNotFound",
     "JobSpec",
+    "KeyTaken",
     "PayloadError",
     "Permanent",
+    "PrometheusTelemetry",
     "Rescuer",
     "RetryAfter",
     "RetryPolicy",
@@ -62,9 +68,12 @@ __all__ = [
     "Status",
     "StoreError",
     "StoreUnavailable",
+    "Telemetry",
     "UnknownHandler",
     "Worker",
     "__version__",
     "backoff",
+    "http_payload",
+    "register_http",
     "retry",
 ]

@@ -209,7 +209,8 @@ class RetryPolicy:
         if isinstance(exc, (self.permanent_on, _NEVER_RETRIED)):
             return Classification.PERMANENT.value
         if isinstance(exc, RetryAfter):
-            return Classification.RATE_LIMITED.value
+            own = getattr(exc, "classification", None)  # a subclass may say "transient"
+            return own if isinstance(own, str) and own else Classification.RATE_LIMITED.value
         if not isinstance(exc, self.retry_on):
             return Classification.PERMANENT.value
         if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11

@@ -180,6 +180,8 @@ class Worker:
         self._pending: list[Completion] = []
         self._pending_event = asyncio.Event()
         self._closing = False  # set at shutdown: the completer drains what is left and returns
+        self._writing = False  # the completer has a batch in flight
+        self._progress = asyncio.Event()  # set whenever endings were written
         self._slot_free = asyncio.Event()
         self._store: Store | None = None
         self._threads: ThreadPoolExecutor | None = None
@@ -287,23 +289,42 @@ class Worker:
             if await self._idle():
                 return
 
+    def _quiet(self) -> bool:
+        """Nothing running, queued, or waiting to be written: the store shows all we did."""
+        return not self._running and self._queue.empty() and not self._pending and not self._writing
+
     async def _idle(self) -> bool:
         """Sleep until work may be there; True when burst mode is done."""
+        self._progress.clear()
+        quiet = self._quiet()  # before reading the schedule, so a retry written meanwhile shows
         try:
             due = await self.store.next_due_in(self.queues)
         except StoreError as exc:
             log.error("worker %s cannot read the schedule: %s", self.worker_id, exc)
             due = None
-        idle = not self._running and self._queue.empty()
-        if self.burst and idle and (due is None or due > self.poll_interval):
+        if self.burst and quiet and self._quiet() and (due is None or due > self.poll_interval):
             # Before leaving, end what a crashed worker left behind: it may be due now.
             before = self.stats["rescued"]
             await self._guarded(self._rescue)
             return self.stats["rescued"] == before
         timeout = self.poll_interval if due is None else min(self.poll_interval, due)
         if timeout > 0:
-            await self._until(self.store.wait(self.queues, timeout), timeout)
+            await self._until(self._wait_for_work(timeout), timeout)
         return False
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        """Until the store signals work, or (burst mode) our own endings were written."""
+        waits = {asyncio.ensure_future(self.store.wait(self.queues, timeout))}
+        if self.burst:
+            waits.add(asyncio.ensure_future(self._progress.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            for task in waits:
+                with contextlib.suppress(asyncio.CancelledError, StoreError):
+                    await task
 
     async def _until(self, waiting: object, timeout: float | None) -> None:
         """Await ``waiting`` (a coroutine) but return early when a stop is requested."""
@@ -395,6 +416,7 @@ class Worker:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
+            self._writing = True
             try:
                 applied = await self.store.complete(batch)
                 failures = 0
@@ -413,8 +435,11 @@ class Worker:
                 # that did land is only rejected the second time, never applied twice.
                 self._pending[:0] = batch
                 raise
+            finally:
+                self._writing = False
             for completion, ok in zip(batch, applied, strict=True):
                 self._account(completion, ok)
+            self._progress.set()
 
     def _account(self, completion: Completion, ok: bool) -> None:
         job = self._inflight.pop(completion.job_id, None)
