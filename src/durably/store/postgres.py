@@ -1,0 +1,1063 @@
+"""The shared store: PostgreSQL through psycopg 3, for many workers on many hosts.
+
+Each store lives in its own schema, reached through ``search_path`` set on every pooled
+connection, so the SQL files stay unqualified. Hot-path operations (enqueue, claim, heartbeat,
+complete, release) are single statements on autocommit connections: one round trip each, atomic,
+and no lock survives the statement. Claims use ``FOR UPDATE SKIP LOCKED`` so claimers pass each
+other by. Enqueues, retries and requeues ``pg_notify`` a channel named after the schema; ``wait``
+listens on it through a dedicated connection, so an idle worker wakes within milliseconds.
+
+Producers that already hold a psycopg connection can enqueue inside their own transaction with
+:meth:`PostgresStore.enqueue_with` (sync) or :meth:`PostgresStore.enqueue_with_async`: the job
+exists if and only if they commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from durably.errors import (
+    ConfigError,
+    Conflict,
+    InvalidTransition,
+    JobNotFound,
+    KeyTaken,
+    PayloadError,
+    SchemaTooNew,
+    StoreError,
+    StoreUnavailable,
+)
+from durably.events import batch_payload, event_type, processed_payload
+from durably.job import (
+    ACTIONS,
+    EVENT_STATUSES,
+    LIVE,
+    Action,
+    Attempt,
+    AuditEntry,
+    Completion,
+    Event,
+    Job,
+    JobFilter,
+    NewJob,
+    Outcome,
+    Status,
+)
+from durably.store import mask_url
+from durably.store.base import (
+    ActionRequest,
+    ClaimRequest,
+    EnqueueResult,
+    HeartbeatResult,
+    Lease,
+)
+from durably.store.sqlfiles import load_migrations, load_queries
+
+__all__ = ["PostgresStore"]
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_Q = load_queries("postgres")
+# Queries holding {schema} / {channel}: filled with validated identifiers per store.
+_TEMPLATES = ("create_schema", "drop_schema", "listen", "enqueue", "live_jobs_by_keys")
+# A concurrent producer can take a key between our insert and our look-up; a few rounds settle it.
+_ENQUEUE_ROUNDS = 5
+_PRUNE_CHUNK = 1000
+
+_STATUS_AFTER: dict[Outcome, Status] = {
+    Outcome.SUCCEEDED: Status.SUCCEEDED,
+    Outcome.RETRY: Status.RETRYING,
+    Outcome.DEAD_LETTER: Status.DEAD_LETTER,
+    Outcome.CANCELLED: Status.CANCELLED,
+}
+_ATTEMPT_OUTCOME: dict[Outcome, str] = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.RETRY: "failed",
+    Outcome.DEAD_LETTER: "failed",
+    Outcome.CANCELLED: "cancelled",
+}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _json(value: Any, what: str) -> str:
+    try:
+        return _dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _at(value: Any) -> datetime:
+    if not isinstance(value, datetime):
+        raise StoreError(f"expected a timestamp from PostgreSQL, got {value!r}")
+    return value.astimezone(UTC)
+
+
+def _maybe_at(value: Any) -> datetime | None:
+    return None if value is None else _at(value)
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    """The one place a jobs row becomes a :class:`Job`."""
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        handler=row["handler"],
+        payload=row["payload"],
+        status=Status(row["status"]),
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        policy=row["policy"],
+        run_at=_at(row["run_at"]),
+        version=row["version"],
+        created_at=_at(row["created_at"]),
+        updated_at=_at(row["updated_at"]),
+        key=row["key"],
+        timeout=row["timeout"],
+        batch_id=row["batch_id"],
+        item_index=row["item_index"],
+        event_scope=row["event_scope"],
+        meta=row["meta"],
+        worker_id=row["worker_id"],
+        lease_token=row["lease_token"],
+        lease_expires_at=_maybe_at(row["lease_expires_at"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        first_attempt_at=_maybe_at(row["first_attempt_at"]),
+        finished_at=_maybe_at(row["finished_at"]),
+        classification=row["classification"],
+        last_error=row["last_error"],
+        last_error_type=row["last_error_type"],
+        result=row["result"],
+        operator=row["operator"],
+        operator_notes=row["operator_notes"],
+    )
+
+
+def _attempt(row: Mapping[str, Any]) -> Attempt:
+    return Attempt(
+        job_id=row["job_id"],
+        number=row["number"],
+        worker_id=row["worker_id"],
+        started_at=_at(row["started_at"]),
+        finished_at=_maybe_at(row["finished_at"]),
+        outcome=row["outcome"],
+        classification=row["classification"],
+        error_type=row["error_type"],
+        error_message=row["error_message"],
+        duration=row["duration"],
+    )
+
+
+def _audit(row: Mapping[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        job_id=row["job_id"],
+        at=_at(row["at"]),
+        actor=row["actor"],
+        action=row["action"],
+        from_status=row["from_status"],
+        to_status=row["to_status"],
+        version=row["version"],
+        notes=row["notes"],
+    )
+
+
+def _event(row: Mapping[str, Any]) -> Event:
+    return Event(
+        id=row["id"],
+        type=row["type"],
+        payload=row["payload"],
+        created_at=_at(row["created_at"]),
+        job_id=row["job_id"],
+        attempts=row["attempts"],
+        lease_token=row["lease_token"],
+    )
+
+
+def _new_job_item(job: NewJob, index: int) -> dict[str, Any]:
+    item = {
+        "queue": job.queue,
+        "handler": job.handler,
+        "payload": job.payload,
+        "max_attempts": job.max_attempts,
+        "policy": dict(job.policy),
+        "delay": max(0.0, float(job.delay)),
+        "key": job.key,
+        "timeout": job.timeout,
+        "batch_id": job.batch_id,
+        "item_index": job.item_index,
+        "event_scope": job.event_scope,
+        "meta": dict(job.meta),
+    }
+    _json(item, f"job #{index} ({job.handler!r})")
+    return item
+
+
+@contextlib.contextmanager
+def _translated(url: str, what: str) -> Iterator[None]:
+    """Turn driver exceptions into durably's, cause chained, URL masked."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        # Covers refused/dropped connections, admin shutdowns and pool timeouts.
+        raise StoreUnavailable(f"PostgreSQL at {url} is unavailable ({what}): {exc}") from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"PostgreSQL error at {url} ({what}): {exc}") from exc
+
+
+class _EnqueuePlan:
+    """Collects enqueue results in input order across the insert and look-up rounds."""
+
+    def __init__(self, jobs: Sequence[NewJob]) -> None:
+        self.jobs = list(jobs)
+        self.items = [_new_job_item(job, i) for i, job in enumerate(self.jobs)]
+        self.results: list[EnqueueResult | None] = [None] * len(self.jobs)
+        self.todo = list(range(len(self.jobs)))
+
+    def insert_params(self, now: datetime | None, sequence: str, channel: str) -> dict[str, Any]:
+        return {
+            "now": now,
+            "sequence": sequence,
+            "channel": channel,
+            "jobs": _dumps([self.items[i] for i in self.todo]),
+        }
+
+    def take_inserted(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            index = self.todo[row["ord"] - 1]
+            self.results[index] = EnqueueResult(_job(row), created=bool(row["created"]))
+        self.todo = [i for i in self.todo if self.results[i] is None]
+
+    def lookup_params(self) -> dict[str, Any]:
+        return {"keys": sorted({k for i in self.todo if (k := self.jobs[i].key) is not None})}
+
+    def take_live(self, rows: Sequence[Row]) -> None:
+        live = {row["key"]: _job(row) for row in rows}
+        for i in self.todo:
+            found = live.get(self.jobs[i].key)
+            if found is not None:
+                self.results[i] = EnqueueResult(found, created=False)
+        self.todo = [i for i in self.todo if self.results[i] is None]
+
+    def done(self) -> list[EnqueueResult]:
+        out = [r for r in self.results if r is not None]
+        if len(out) != len(self.results):
+            raise StoreError(
+                "enqueue could not settle: idempotency keys kept changing hands under "
+                "concurrent producers; retry the enqueue"
+            )
+        return out
+
+
+class _Waiter:
+    __slots__ = ("event", "queues")
+
+    def __init__(self, queues: frozenset[str]) -> None:
+        self.queues = queues
+        self.event = asyncio.Event()
+
+
+class _Listener:
+    """One LISTEN connection per store, reconnected when it drops, waking waiting workers."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        listen: sql.Composed,
+    ) -> None:
+        self._connect = connect
+        self._listen = listen
+        self._waiters: set[_Waiter] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Event | None = None
+        self._connected_before = False
+
+    @property
+    def ready(self) -> asyncio.Event:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        return self._ready
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="durably-postgres-listener"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._ready = None
+        self._connected_before = False
+
+    def add(self, waiter: _Waiter) -> None:
+        self._waiters.add(waiter)
+
+    def discard(self, waiter: _Waiter) -> None:
+        self._waiters.discard(waiter)
+
+    def _wake(self, queue: str | None) -> None:
+        for waiter in self._waiters:
+            if queue is None or queue in waiter.queues:
+                waiter.event.set()
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                conn: psycopg.AsyncConnection[Any] = await self._connect()
+            except psycopg.Error as exc:
+                logger.warning(
+                    "durably: LISTEN connection failed, retrying in %.2fs: %s", delay, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                await conn.execute(self._listen)
+                delay = 0.05
+                if self._connected_before:
+                    # Notifications sent while we were away are lost: let every waiter look.
+                    self._wake(None)
+                self._connected_before = True
+                self.ready.set()
+                async for note in conn.notifies():
+                    self._wake(note.payload)
+            except psycopg.Error as exc:
+                logger.warning("durably: LISTEN connection dropped, reconnecting: %s", exc)
+            finally:
+                self.ready.clear()
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+
+
+class PostgresStore:
+    """Jobs in a PostgreSQL schema (``postgresql://user@host/db``), shared by many workers.
+
+    ``schema`` (default ``durably``) must match ``^[a-z_][a-z0-9_]{0,62}$``. ``clock`` replaces
+    the database clock for every timestamp and comparison (tests only). ``min_size`` and
+    ``max_size`` bound the connection pool; ``connect_timeout`` bounds how long a call waits for
+    a connection before raising :class:`~durably.errors.StoreUnavailable`;
+    ``application_name`` labels the sessions in ``pg_stat_activity``. With
+    ``migrate_on_open=False``, ``open`` only refuses a newer schema and leaves pending migrations
+    to :meth:`migrate`.
+
+    >>> store = PostgresStore("postgresql://app@db/jobs", schema="billing")  # doctest: +SKIP
+    >>> await store.open()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "durably",
+        clock: Callable[[], datetime] | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        application_name: str | None = None,
+        migrate_on_open: bool = True,
+    ) -> None:
+        if not isinstance(schema, str) or not _SCHEMA.match(schema):
+            raise ConfigError(
+                f"invalid PostgreSQL schema name {schema!r}: use 1 to 63 characters among "
+                "a-z, 0-9 and _, not starting with a digit"
+            )
+        if min_size < 0 or max_size < 1 or min_size > max_size:
+            raise ConfigError(
+                f"pool sizes must satisfy 0 <= min_size <= max_size and max_size >= 1; "
+                f"got min_size={min_size}, max_size={max_size}"
+            )
+        if connect_timeout <= 0:
+            raise ConfigError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        self.url = mask_url(url)
+        self.schema = schema
+        self.channel = f"durably_{schema}"[:63]
+        self.application_name = (application_name or f"durably/{schema}")[:63]
+        self._conninfo = url
+        self._clock = clock
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._migrate_on_open = migrate_on_open
+        self._sequence = f"{schema}.jobs_id_seq"
+        ident = sql.Identifier(schema)
+        self._sql: dict[str, sql.Composed] = {
+            name: sql.SQL(_Q[name]).format(schema=ident, channel=sql.Identifier(self.channel))
+            for name in _TEMPLATES
+        }
+        self._pool: AsyncConnectionPool | None = None
+        self._listener = _Listener(self._connect_listener, self._sql["listen"])
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """``postgresql://user:password@host:5432/db``; ``?schema=name`` sets the schema.
+
+        Other query parameters are libpq's (``sslmode=require``, ...).
+        """
+        parts = urlsplit(url)
+        kept: list[tuple[str, str]] = []
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name == "schema":
+                options.setdefault("schema", value)
+            else:
+                kept.append((name, value))
+        return cls(parts._replace(query=urlencode(kept)).geturl(), **options)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _now(self) -> datetime | None:
+        """The injected clock's now, or None for "the database's now()"."""
+        return self._clock() if self._clock is not None else None
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "autocommit": True,
+            "application_name": self.application_name,
+            "options": f"-c search_path={self.schema} -c timezone=UTC",
+            "connect_timeout": max(1, round(self._connect_timeout)),
+        }
+
+    async def _connect_listener(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs())
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, what: str) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError(
+                f"the PostgreSQL store at {self.url} is not open: call await store.open() first"
+            )
+        with _translated(self.url, what):
+            async with pool.connection() as conn:
+                # The pool's connections are made with row_factory=dict_row.
+                yield cast("psycopg.AsyncConnection[Row]", conn)
+
+    async def _fetch(self, what: str, query: Any, params: Mapping[str, Any]) -> list[Row]:
+        async with self._connection(what) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+    async def _fetch_one(self, what: str, query: Any, params: Mapping[str, Any]) -> Row | None:
+        async with self._connection(what) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, then migrate the schema (created if missing) or refuse a newer one."""
+        if self._pool is not None:
+            return
+        pool = AsyncConnectionPool(
+            self._conninfo,
+            kwargs={**self._connect_kwargs(), "row_factory": dict_row},
+            min_size=self._min_size,
+            max_size=self._max_size,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+            timeout=self._connect_timeout,
+            name=self.application_name,
+        )
+        try:
+            with _translated(self.url, "connect"):
+                await pool.open(wait=True, timeout=self._connect_timeout)
+            self._pool = pool
+            if self._migrate_on_open:
+                await self.migrate()
+            else:
+                await self.migrate(dry_run=True)  # raises SchemaTooNew, applies nothing
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening and close the pool. Idempotent."""
+        pool, self._pool = self._pool, None
+        await self._listener.stop()
+        if pool is not None:
+            await pool.close()
+
+    def _check_version(self, current: int, known: int) -> None:
+        if current > known:
+            raise SchemaTooNew(
+                f"the schema {self.schema!r} at {self.url} is at version {current}, but this "
+                f"durably knows only up to {known}: upgrade durably"
+            )
+
+    async def _current_version(self, conn: psycopg.AsyncConnection[Row]) -> int:
+        cur = await conn.execute(_Q["migrations_table_exists"])
+        row = await cur.fetchone()
+        if row is None or not row["present"]:
+            return 0
+        cur = await conn.execute(_Q["schema_version"])
+        row = await cur.fetchone()
+        return 0 if row is None else int(row["version"])
+
+    async def migrate(self, *, dry_run: bool = False) -> list[str]:
+        """Apply pending migrations in one transaction under an advisory lock.
+
+        Many processes opening at once queue on the lock; the first migrates, the others find
+        nothing left to do. With ``dry_run`` only the pending names are returned.
+        """
+        migrations = load_migrations("postgres")
+        async with self._connection("migrate") as conn:
+            if dry_run:
+                current = await self._current_version(conn)
+                self._check_version(current, len(migrations))
+                return [f"{m.version:03d}_{m.name}" for m in migrations[current:]]
+            applied: list[str] = []
+            async with conn.transaction():
+                await conn.execute(_Q["migration_lock"], {"schema": self.schema})
+                await conn.execute(self._sql["create_schema"])
+                await conn.execute(_Q["create_migrations_table"])
+                current = await self._current_version(conn)
+                self._check_version(current, len(migrations))
+                for migration in migrations[current:]:
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        _Q["record_migration"],
+                        {"version": migration.version, "name": migration.name, "now": self._now()},
+                    )
+                    applied.append(f"{migration.version:03d}_{migration.name}")
+            return applied
+
+    async def schema_version(self) -> int:
+        """The highest migration applied (0 for an empty schema)."""
+        async with self._connection("schema_version") as conn:
+            return await self._current_version(conn)
+
+    async def now(self) -> datetime:
+        """The store's clock: the database's ``now()``, or the injected one."""
+        if self._clock is not None:
+            return self._clock()
+        row = await self._fetch_one("now", _Q["now"], {"now": None})
+        if row is None:  # pragma: no cover - SELECT without FROM always yields a row
+            raise StoreError("now() returned no row")
+        return _at(row["now"])
+
+    async def drop_namespace(self) -> None:
+        """Drop the store's schema with everything in it (tests and teardown)."""
+        await self._listener.stop()
+        async with self._connection("drop_namespace") as conn:
+            await conn.execute(self._sql["drop_schema"])
+
+    # -- producers --------------------------------------------------------------------------
+
+    async def _enqueue_async(
+        self, conn: psycopg.AsyncConnection[Any], plan: _EnqueuePlan
+    ) -> list[EnqueueResult]:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            for _ in range(_ENQUEUE_ROUNDS):
+                await cur.execute(
+                    self._sql["enqueue"],
+                    plan.insert_params(self._now(), self._sequence, self.channel),
+                )
+                plan.take_inserted(await cur.fetchall())
+                if not plan.todo:
+                    break
+                await cur.execute(self._sql["live_jobs_by_keys"], plan.lookup_params())
+                plan.take_live(await cur.fetchall())
+                if not plan.todo:
+                    break
+        return plan.done()
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+        """Insert all jobs in one statement (one round trip), in order; notify waiting workers."""
+        if not jobs:
+            return []
+        plan = _EnqueuePlan(jobs)
+        async with self._connection("enqueue") as conn:
+            return await self._enqueue_async(conn, plan)
+
+    async def enqueue_with_async(
+        self, connection: psycopg.AsyncConnection[Any], jobs: Sequence[NewJob]
+    ) -> list[EnqueueResult]:
+        """Enqueue inside the caller's open transaction on ``connection`` (not committed here).
+
+        The jobs exist, and workers are notified, only if the caller commits.
+        """
+        if not isinstance(connection, psycopg.AsyncConnection):
+            raise ConfigError(
+                "enqueue_with_async needs a psycopg.AsyncConnection; "
+                "use enqueue_with for a synchronous psycopg.Connection"
+            )
+        if not jobs:
+            return []
+        plan = _EnqueuePlan(jobs)
+        with _translated(self.url, "enqueue_with_async"):
+            return await self._enqueue_async(connection, plan)
+
+    def enqueue_with(
+        self, connection: psycopg.Connection[Any], jobs: Sequence[NewJob]
+    ) -> list[EnqueueResult]:
+        """Enqueue inside the caller's open transaction on a synchronous ``connection``.
+
+        Nothing is committed here: the jobs exist, and workers are notified, only if the caller
+        commits. Works whatever the connection's ``search_path``.
+
+        >>> with psycopg.connect(url) as conn:  # doctest: +SKIP
+        ...     conn.execute("INSERT INTO orders ...")
+        ...     store.enqueue_with(conn, [NewJob("send_receipt", {"order": 42})])
+        """
+        if not isinstance(connection, psycopg.Connection):
+            raise ConfigError(
+                "enqueue_with needs a synchronous psycopg.Connection; "
+                "use enqueue_with_async for a psycopg.AsyncConnection"
+            )
+        if not jobs:
+            return []
+        plan = _EnqueuePlan(jobs)
+        with (
+            _translated(self.url, "enqueue_with"),
+            connection.cursor(row_factory=dict_row) as cur,
+        ):
+            for _ in range(_ENQUEUE_ROUNDS):
+                cur.execute(
+                    self._sql["enqueue"],
+                    plan.insert_params(self._now(), self._sequence, self.channel),
+                )
+                plan.take_inserted(cur.fetchall())
+                if not plan.todo:
+                    break
+                cur.execute(self._sql["live_jobs_by_keys"], plan.lookup_params())
+                plan.take_live(cur.fetchall())
+                if not plan.todo:
+                    break
+        return plan.done()
+
+    async def upsert(self, job: NewJob) -> EnqueueResult:
+        """Enqueue by key, or replace the live job's content while it is not running."""
+        if job.key is None:
+            raise ConfigError("upsert needs a key")
+        payload = _json(job.payload, f"payload of {job.handler!r}")
+        meta = _json(dict(job.meta), f"meta of {job.handler!r}")
+        policy = _json(dict(job.policy), f"policy of {job.handler!r}")
+        async with self._connection("upsert") as conn:
+            for _ in range(_ENQUEUE_ROUNDS):
+                async with conn.transaction():
+                    cur = await conn.execute(_Q["live_job_by_key_for_update"], {"key": job.key})
+                    live = await cur.fetchone()
+                    if live is None:
+                        result = (await self._enqueue_async(conn, _EnqueuePlan([job])))[0]
+                        if result.created:
+                            return result
+                        continue  # another producer took the key meanwhile: update theirs
+                    if live["status"] == Status.RUNNING.value:
+                        return EnqueueResult(_job(live), created=False)
+                    cur = await conn.execute(
+                        _Q["upsert_live"],
+                        {
+                            "id": live["id"],
+                            "payload": payload,
+                            "meta": meta,
+                            "policy": policy,
+                            "max_attempts": job.max_attempts,
+                            "timeout": job.timeout,
+                            "event_scope": job.event_scope,
+                            "queue": job.queue,
+                            "handler": job.handler,
+                            "now": self._now(),
+                        },
+                    )
+                    row = await cur.fetchone()
+                    await conn.execute(_Q["notify"], {"channel": self.channel, "queue": job.queue})
+                    return EnqueueResult(_job(row if row is not None else live), created=False)
+        raise StoreError(f"upsert of key {job.key!r} could not settle under concurrent producers")
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def claim(self, request: ClaimRequest) -> list[Job]:
+        """Claim due jobs under fresh leases, with their attempt rows, in one statement."""
+        if request.limit <= 0 or not request.queues:
+            return []
+        params: dict[str, Any] = {
+            "now": self._now(),
+            "queues": list(dict.fromkeys(request.queues)),  # one index walk per queue
+            "worker_id": request.worker_id,
+            "limit": request.limit,
+            "lease_seconds": float(request.lease_seconds),
+        }
+        if request.batch_id is None:
+            rows = await self._fetch("claim", _Q["claim"], params)
+        else:
+            params.update(batch_id=request.batch_id, due_only=request.due_only)
+            rows = await self._fetch("claim", _Q["claim_batch"], params)
+        return sorted((_job(r) for r in rows), key=lambda j: (j.run_at, j.id))
+
+    async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
+        """Extend every lease still held, in one statement."""
+        if not leases:
+            return HeartbeatResult(frozenset(), frozenset())
+        rows = await self._fetch(
+            "heartbeat",
+            _Q["heartbeat"],
+            {
+                "now": self._now(),
+                "lease_seconds": float(lease_seconds),
+                "ids": [lease.job_id for lease in leases],
+                "tokens": [lease.lease_token for lease in leases],
+            },
+        )
+        return HeartbeatResult(
+            frozenset(r["id"] for r in rows),
+            frozenset(r["id"] for r in rows if r["cancel_requested"]),
+        )
+
+    async def complete(self, completions: Sequence[Completion]) -> list[bool]:
+        """Apply attempt endings, each fenced by its lease token, in one statement."""
+        if not completions:
+            return []
+        items: list[dict[str, Any]] = []
+        for ord_, c in enumerate(completions):
+            succeeded = c.outcome is Outcome.SUCCEEDED
+            items.append(
+                {
+                    "ord": ord_,
+                    "id": c.job_id,
+                    "token": c.lease_token,
+                    "status": _STATUS_AFTER[c.outcome].value,
+                    "result": c.result,
+                    "classification": None if succeeded else c.classification,
+                    "error_type": None if succeeded else c.error_type,
+                    "error_message": None if succeeded else c.error_message,
+                    "retry_in": max(0.0, float(c.retry_in)),
+                    "require_expired": c.require_expired,
+                    "attempt_outcome": c.attempt_outcome or _ATTEMPT_OUTCOME[c.outcome],
+                    "attempt_classification": c.classification,
+                    "attempt_error_type": c.error_type,
+                    "attempt_error_message": c.error_message,
+                    "duration": c.duration,
+                }
+            )
+        now = self._now()
+        params = {"now": now, "items": _json(items, "completion result"), "channel": self.channel}
+        applied = [False] * len(completions)
+        async with self._connection("complete") as conn, conn.transaction():
+            cur = await conn.execute(_Q["complete"], params)
+            done = [(row["ord"], _job(row)) for row in await cur.fetchall()]
+            # Batch locks in a fixed order, so two completers never wait on each other in a cycle.
+            for ord_, job in sorted(done, key=lambda d: (d[1].batch_id or "", d[1].id)):
+                applied[ord_] = True
+                await self._emit(conn, Status.RUNNING, job, now)
+        return applied
+
+    async def _emit(
+        self,
+        conn: psycopg.AsyncConnection[Row],
+        before: Status,
+        after: Job,
+        now: datetime | None,
+    ) -> None:
+        """Write the outbox events a change owes, inside the caller's transaction."""
+        if after.status not in EVENT_STATUSES or after.event_scope is None:
+            return  # events are opt-in per job: no scope, no outbox rows
+        await conn.execute(
+            _Q["insert_event"],
+            {
+                "job_id": after.id,
+                "type": event_type(after.event_scope),
+                "payload": _json(processed_payload(after), f"result of job {after.id}"),
+                "now": now,
+            },
+        )
+        if after.batch_id is None or before not in LIVE:
+            return
+        await conn.execute(_Q["batch_lock"], {"schema": self.schema, "batch_id": after.batch_id})
+        cur = await conn.execute(_Q["batch_counts"], {"batch_id": after.batch_id})
+        counts = {row["status"]: int(row["n"]) for row in await cur.fetchall()}
+        if any(counts.get(status.value, 0) for status in LIVE):
+            return
+        await conn.execute(
+            _Q["insert_event"],
+            {
+                "job_id": None,
+                "type": event_type(after.event_scope, "batch_completed"),
+                "payload": _dumps(batch_payload(after.batch_id, counts, after.updated_at)),
+                "now": now,
+            },
+        )
+
+    async def release(self, leases: Sequence[Lease]) -> int:
+        """Hand back claimed jobs that never started, as if never claimed."""
+        if not leases:
+            return 0
+        rows = await self._fetch(
+            "release",
+            _Q["release"],
+            {
+                "now": self._now(),
+                "ids": [lease.job_id for lease in leases],
+                "tokens": [lease.lease_token for lease in leases],
+                "channel": self.channel,
+            },
+        )
+        return len(rows)
+
+    async def expired(self, limit: int) -> list[Job]:
+        """Running jobs whose lease has expired on the store's clock, oldest expiry first."""
+        if limit <= 0:
+            return []
+        rows = await self._fetch("expired", _Q["expired"], {"now": self._now(), "limit": limit})
+        return [_job(r) for r in rows]
+
+    async def next_due_in(self, queues: Sequence[str]) -> float | None:
+        """Seconds until the earliest waiting job in ``queues`` is due; None if none waits."""
+        if not queues:
+            return None
+        row = await self._fetch_one(
+            "next_due_in", _Q["next_due"], {"now": self._now(), "queues": list(queues)}
+        )
+        if row is None or row["seconds"] is None:
+            return None
+        return max(0.0, float(row["seconds"]))
+
+    async def start_listening(self, timeout: float = 10.0) -> bool:
+        """Open the LISTEN connection now, so the first :meth:`wait` misses nothing.
+
+        Returns True once listening, False if it could not start within ``timeout``.
+        """
+        if self._pool is None:
+            raise StoreError(
+                f"the PostgreSQL store at {self.url} is not open: call await store.open() first"
+            )
+        self._listener.start()
+        try:
+            await asyncio.wait_for(self._listener.ready.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block until a NOTIFY for one of ``queues`` arrives (True) or ``timeout`` passes."""
+        if self._pool is None:
+            raise StoreError(
+                f"the PostgreSQL store at {self.url} is not open: call await store.open() first"
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        self._listener.start()
+        waiter = _Waiter(frozenset(queues))
+        self._listener.add(waiter)
+        try:
+            await asyncio.wait_for(waiter.event.wait(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return waiter.event.is_set()
+        finally:
+            self._listener.discard(waiter)
+        return True
+
+    # -- operators --------------------------------------------------------------------------
+
+    async def get(self, job_id: int) -> Job:
+        """The job, or ``JobNotFound``."""
+        row = await self._fetch_one("get", _Q["get_job"], {"id": job_id})
+        if row is None:
+            raise JobNotFound(job_id)
+        return _job(row)
+
+    async def get_by_key(self, key: str) -> Job | None:
+        """The live job holding ``key``, else the newest job that had it, else None."""
+        async with self._connection("get_by_key") as conn:
+            cur = await conn.execute(_Q["live_job_by_key"], {"key": key})
+            row = await cur.fetchone()
+            if row is None:
+                cur = await conn.execute(_Q["latest_job_by_key"], {"key": key})
+                row = await cur.fetchone()
+        return None if row is None else _job(row)
+
+    async def list_jobs(
+        self, where: JobFilter, *, limit: int = 100, after_id: int | None = None
+    ) -> list[Job]:
+        """Jobs matching ``where``, newest first, below ``after_id`` if given."""
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            "list_jobs",
+            _Q["list_jobs"],
+            {
+                "statuses": (
+                    None if where.statuses is None else sorted(s.value for s in where.statuses)
+                ),
+                "queue": where.queue,
+                "handler": where.handler,
+                "batch_id": where.batch_id,
+                "classification": where.classification,
+                "key": where.key,
+                "after_id": after_id,
+                "limit": limit,
+            },
+        )
+        return [_job(r) for r in rows]
+
+    async def attempts(self, job_id: int) -> list[Attempt]:
+        """The job's attempts, oldest first."""
+        rows = await self._fetch("attempts", _Q["list_attempts"], {"id": job_id})
+        return [_attempt(r) for r in rows]
+
+    async def audit(self, job_id: int) -> list[AuditEntry]:
+        """The job's audit trail, oldest first."""
+        rows = await self._fetch("audit", _Q["list_audit"], {"id": job_id})
+        return [_audit(r) for r in rows]
+
+    async def act(self, request: ActionRequest) -> Job:
+        """Apply one operator action and its audit entry in one transaction."""
+        rule = ACTIONS[request.action]
+        now = self._now()
+        async with self._connection("act") as conn:
+            try:
+                async with conn.transaction():
+                    cur = await conn.execute(_Q["get_job_for_update"], {"id": request.job_id})
+                    row = await cur.fetchone()
+                    if row is None:
+                        raise JobNotFound(request.job_id)
+                    before = _job(row)
+                    if (
+                        request.expected_version is not None
+                        and before.version != request.expected_version
+                    ):
+                        raise Conflict(before.id, request.expected_version, before.version)
+                    cancel_running = (
+                        request.action is Action.CANCEL and before.status is Status.RUNNING
+                    )
+                    if before.status not in rule.sources and not cancel_running:
+                        raise InvalidTransition(
+                            before.id,
+                            before.status.value,
+                            request.action.value,
+                            frozenset(s.value for s in rule.sources),
+                        )
+                    params: dict[str, Any] = {"id": before.id, "now": now}
+                    if cancel_running:
+                        query = _Q["act_request_cancel"]
+                    elif request.action is Action.REQUEUE:
+                        if before.key is not None:
+                            cur = await conn.execute(_Q["live_job_by_key"], {"key": before.key})
+                            holder = await cur.fetchone()
+                            if holder is not None and holder["id"] != before.id:
+                                raise KeyTaken(before.id, holder["id"])
+                        params["reset"] = request.reset_attempts
+                        query = _Q["act_requeue"]
+                    else:
+                        params.update(
+                            status=rule.target.value, actor=request.actor, notes=request.notes
+                        )
+                        query = _Q["act_end"]
+                    cur = await conn.execute(query, params)
+                    after_row = await cur.fetchone()
+                    if after_row is None:  # pragma: no cover - the row is locked by us
+                        raise JobNotFound(request.job_id)
+                    after = _job(after_row)
+                    if after.status is not before.status:
+                        await self._emit(conn, before.status, after, now)
+                    await conn.execute(
+                        _Q["insert_audit"],
+                        {
+                            "id": after.id,
+                            "now": now,
+                            "actor": request.actor,
+                            "action": request.action.value,
+                            "from_status": before.status.value,
+                            "to_status": after.status.value,
+                            "version": after.version,
+                            "notes": request.notes,
+                        },
+                    )
+                    if after.status is Status.PENDING:
+                        await conn.execute(
+                            _Q["notify"], {"channel": self.channel, "queue": after.queue}
+                        )
+            except psycopg.errors.UniqueViolation as exc:
+                # A producer took the key between our look-up and the update.
+                cur = await conn.execute(_Q["live_job_by_key"], {"key": before.key})
+                holder = await cur.fetchone()
+                if holder is None:
+                    raise StoreError(
+                        f"cannot requeue job {request.job_id}: its key changed hands "
+                        "concurrently; retry the action"
+                    ) from exc
+                raise KeyTaken(request.job_id, holder["id"]) from exc
+        return after
+
+    async def counts(self) -> dict[tuple[str, Status], int]:
+        """How many jobs per (queue, status)."""
+        rows = await self._fetch("counts", _Q["counts"], {})
+        return {(r["queue"], Status(r["status"])): int(r["n"]) for r in rows}
+
+    async def prune(self, older_than: float, statuses: frozenset[Status]) -> int:
+        """Delete finished jobs (attempts and audit cascade) in chunks, one transaction each."""
+        if not statuses:
+            return 0
+        params = {
+            "now": self._now(),
+            "older_than": float(older_than),
+            "statuses": sorted(s.value for s in statuses),
+            "limit": _PRUNE_CHUNK,
+        }
+        total = 0
+        async with self._connection("prune") as conn:
+            while True:
+                cur = await conn.execute(_Q["prune"], params)
+                total += cur.rowcount
+                if cur.rowcount < _PRUNE_CHUNK:
+                    return total
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    async def claim_events(self, limit: int, lease_seconds: float) -> list[Event]:
+        """Lease due events, oldest first, never overtaking an older event of the same job."""
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            "claim_events",
+            _Q["claim_events"],
+            {"now": self._now(), "limit": limit, "lease_seconds": float(lease_seconds)},
+        )
+        return sorted((_event(r) for r in rows), key=lambda e: e.id)
+
+    async def ack_events(self, events: Sequence[Event]) -> int:
+        """Delete delivered events, fenced by their lease token; return how many."""
+        if not events:
+            return 0
+        async with self._connection("ack_events") as conn:
+            cur = await conn.execute(
+                _Q["ack_events"],
+                {"ids": [e.id for e in events], "tokens": [e.lease_token for e in events]},
+            )
+            return cur.rowcount
+
+    async def retry_event(self, event: Event, retry_in: float, error: str) -> bool:
+        """Make a failed delivery due again in ``retry_in`` seconds (fenced by lease token)."""
+        async with self._connection("retry_event") as conn:
+            cur = await conn.execute(
+                _Q["retry_event"],
+                {
+                    "now": self._now(),
+                    "retry_in": max(0.0, float(retry_in)),
+                    "error": error[:4000],
+                    "id": event.id,
+                    "token": event.lease_token,
+                },
+            )
+            return cur.rowcount == 1
