@@ -501,6 +501,64 @@ class Durably:
             )
         )
 
+    async def cancel_async(
+        self,
+        job_id: int,
+        *,
+        actor: str = "api",
+        notes: str | None = None,
+        expected_version: int | None = None,
+    ) -> Job:
+        """Cancel a waiting or dead-lettered job; ask a running job's worker to stop it."""
+        return await self.act_async(
+            job_id, Action.CANCEL, actor=actor, notes=notes, expected_version=expected_version
+        )
+
+    async def resolve_async(
+        self,
+        job_id: int,
+        *,
+        actor: str,
+        notes: str | None = None,
+        expected_version: int | None = None,
+    ) -> Job:
+        """Mark a dead-lettered job as handled by a person (``actor``), with ``notes``."""
+        return await self.act_async(
+            job_id, Action.RESOLVE, actor=actor, notes=notes, expected_version=expected_version
+        )
+
+    async def abandon_async(
+        self,
+        job_id: int,
+        *,
+        actor: str,
+        notes: str | None = None,
+        expected_version: int | None = None,
+    ) -> Job:
+        """Give up on a dead-lettered job on purpose, with ``notes`` saying why."""
+        return await self.act_async(
+            job_id, Action.ABANDON, actor=actor, notes=notes, expected_version=expected_version
+        )
+
+    async def requeue_async(
+        self,
+        job_id: int,
+        *,
+        actor: str = "api",
+        notes: str | None = None,
+        reset_attempts: bool = False,
+        expected_version: int | None = None,
+    ) -> Job:
+        """Run a dead-lettered, cancelled, abandoned or retrying job again now."""
+        return await self.act_async(
+            job_id,
+            Action.REQUEUE,
+            actor=actor,
+            notes=notes,
+            reset_attempts=reset_attempts,
+            expected_version=expected_version,
+        )
+
     def cancel(
         self,
         job_id: int,
@@ -511,9 +569,7 @@ class Durably:
     ) -> Job:
         """Cancel a waiting or dead-lettered job; ask a running job's worker to stop it."""
         return self._sync(
-            self.act_async(
-                job_id, Action.CANCEL, actor=actor, notes=notes, expected_version=expected_version
-            )
+            self.cancel_async(job_id, actor=actor, notes=notes, expected_version=expected_version)
         )
 
     def resolve(
@@ -526,9 +582,7 @@ class Durably:
     ) -> Job:
         """Mark a dead-lettered job as handled by a person (``actor``), with ``notes``."""
         return self._sync(
-            self.act_async(
-                job_id, Action.RESOLVE, actor=actor, notes=notes, expected_version=expected_version
-            )
+            self.resolve_async(job_id, actor=actor, notes=notes, expected_version=expected_version)
         )
 
     def abandon(
@@ -541,9 +595,7 @@ class Durably:
     ) -> Job:
         """Give up on a dead-lettered job on purpose, with ``notes`` saying why."""
         return self._sync(
-            self.act_async(
-                job_id, Action.ABANDON, actor=actor, notes=notes, expected_version=expected_version
-            )
+            self.abandon_async(job_id, actor=actor, notes=notes, expected_version=expected_version)
         )
 
     def requeue(
@@ -557,9 +609,8 @@ class Durably:
     ) -> Job:
         """Run a dead-lettered, cancelled, abandoned or retrying job again now."""
         return self._sync(
-            self.act_async(
+            self.requeue_async(
                 job_id,
-                Action.REQUEUE,
                 actor=actor,
                 notes=notes,
                 reset_attempts=reset_attempts,

@@ -227,6 +227,8 @@ class RetryPolicy:
         :class:`~durably.errors.RetryAfter` is retryable even when ``retry_on`` does not list it:
         raising it is an explicit request to retry.
         """
+        if isinstance(exc, Permanent):
+            return False  # whatever classification a subclass reports
         return self.classify(exc) not in _PERMANENT_CLASSIFICATIONS
 
 
