@@ -168,6 +168,7 @@ def _failure(
         retry_in=decision.delay,
         duration=duration,
         attempt_outcome=attempt_outcome,
+        attempt_classification=classification,
     )
 
 

@@ -295,6 +295,10 @@ class Completion:
     duration: float | None = None
     attempt_outcome: str | None = None
     """What to record on the attempt row; derived from ``outcome`` when ``None``."""
+    attempt_classification: str | None = None
+    """Why this attempt failed, when it differs from the job's verdict in ``classification``
+    (a last ``timeout`` attempt of a job dead-lettered as ``exhausted``); the attempt row
+    records this, falling back to ``classification``."""
     require_expired: bool = False
 
 

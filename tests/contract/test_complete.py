@@ -9,7 +9,7 @@ from durably.store import Store
 from durably.store.base import Lease
 from durably.testing import FakeClock
 
-from .conftest import at, claim, claim_one, finish, lease_of, reach, same_time
+from .conftest import at, claim, claim_one, enqueue_one, finish, lease_of, reach, same_time
 
 
 async def test_success(store: Store, clock: FakeClock) -> None:
@@ -301,3 +301,18 @@ async def test_release_many(store: Store) -> None:
     got = await claim(store)
     assert await store.release([lease_of(j) for j in got]) == 2
     assert len(await claim(store)) == 2
+
+
+async def test_attempt_row_keeps_its_own_classification_under_the_verdict(store: Store) -> None:
+    job = await enqueue_one(store)
+    running = await claim_one(store)
+    assert await finish(
+        store,
+        running,
+        Outcome.DEAD_LETTER,
+        classification="exhausted",
+        attempt_classification="timeout",
+    )
+    assert (await store.get(job.id)).classification == "exhausted"
+    [attempt] = await store.attempts(job.id)
+    assert attempt.classification == "timeout"

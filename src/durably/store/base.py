@@ -203,7 +203,8 @@ class Store(Protocol):
         ``version``. Success clears ``classification``, ``last_error`` and ``last_error_type``;
         the other outcomes set them from the completion. Attempt row ``outcome`` is
         ``attempt_outcome`` when given, else ``succeeded`` / ``failed`` (retry, dead_letter) /
-        ``cancelled``. A completion that does not apply changes nothing.
+        ``cancelled``; its ``classification`` is ``attempt_classification`` when given, else
+        ``classification``. A completion that does not apply changes nothing.
         """
 
     async def release(self, leases: Sequence[Lease]) -> int:

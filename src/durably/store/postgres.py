@@ -745,7 +745,7 @@ class PostgresStore:
                     "retry_in": max(0.0, float(c.retry_in)),
                     "require_expired": c.require_expired,
                     "attempt_outcome": c.attempt_outcome or _ATTEMPT_OUTCOME[c.outcome],
-                    "attempt_classification": c.classification,
+                    "attempt_classification": c.attempt_classification or c.classification,
                     "attempt_error_type": c.error_type,
                     "attempt_error_message": c.error_message,
                     "duration": c.duration,

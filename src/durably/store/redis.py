@@ -529,6 +529,7 @@ class RedisStore:
             optional: dict[str, str | None] = {
                 "result": None if c.result is None else _dumps(c.result, "result"),
                 "classification": _text(c.classification),
+                "attempt_classification": _text(c.attempt_classification or c.classification),
                 "error_type": _text(c.error_type),
                 "error_message": _text(c.error_message),
                 "duration": None if c.duration is None else repr(float(c.duration)),

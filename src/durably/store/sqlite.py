@@ -546,7 +546,7 @@ class SQLiteStore:
                         {
                             "now": now,
                             "outcome": c.attempt_outcome or _ATTEMPT_OUTCOME[c.outcome],
-                            "classification": c.classification,
+                            "classification": c.attempt_classification or c.classification,
                             "error_type": c.error_type,
                             "error_message": c.error_message,
                             "duration": c.duration,

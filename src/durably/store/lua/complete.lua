@@ -52,7 +52,7 @@ for i = 2, #ARGV do
       if entry.finished_at == nil then
         entry.finished_at = int(now)
         entry.outcome = c.attempt_outcome
-        entry.classification = c.classification
+        entry.classification = c.attempt_classification
         entry.error_type = c.error_type
         entry.error_message = c.error_message
         entry.duration = c.duration
