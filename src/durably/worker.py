@@ -359,6 +359,7 @@ class Worker:
     async def _run_one(self, job: Job) -> None:
         skip = self._skip.pop(job.id, None)
         if skip == "lost":
+            self._inflight.pop(job.id, None)
             log.warning(
                 "worker %s lost the lease of job %s before starting it; skipping it",
                 self.worker_id,
@@ -403,6 +404,8 @@ class Worker:
         if completion is not None:
             self._pending.append(completion)
             self._pending_event.set()
+        else:
+            self._inflight.pop(job.id, None)
 
     # -- completing -------------------------------------------------------------------------
 
@@ -494,8 +497,9 @@ class Worker:
     async def _heartbeat(self) -> None:
         held = {r.job.id: r for r in self._running.values()}
         waiting = [job for job in self._queue._queue if job is not None]  # type: ignore[attr-defined]
-        leases = [Lease(r.job.id, r.job.lease_token or "") for r in held.values()]
-        leases += [Lease(job.id, job.lease_token or "") for job in waiting]
+        # Every claimed job whose ending is not written yet: queued, running, and finished with
+        # the write still pending (a store outage must not get finished work rescued and re-run).
+        leases = [Lease(job.id, job.lease_token or "") for job in self._inflight.values()]
         if not leases:
             return
         result = await self.store.heartbeat(leases, self.lease_seconds)

@@ -448,10 +448,17 @@ class PostgresStore:
             raise StoreError(
                 f"the PostgreSQL store at {self.url} is not open: call await store.open() first"
             )
-        with _translated(self.url, what):
-            async with pool.connection() as conn:
-                # The pool's connections are made with row_factory=dict_row.
-                yield cast("psycopg.AsyncConnection[Row]", conn)
+        try:
+            with _translated(self.url, what):
+                async with pool.connection() as conn:
+                    # The pool's connections are made with row_factory=dict_row.
+                    yield cast("psycopg.AsyncConnection[Row]", conn)
+        except StoreUnavailable:
+            # The server dropped us (restart, pg_terminate_backend): throw out every dead idle
+            # connection now, so the caller's retry gets a fresh one at once.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.check(), timeout=self._connect_timeout)
+            raise
 
     async def _fetch(self, what: str, query: Any, params: Mapping[str, Any]) -> list[Row]:
         async with self._connection(what) as conn:
@@ -475,7 +482,9 @@ class PostgresStore:
             min_size=self._min_size,
             max_size=self._max_size,
             open=False,
-            check=AsyncConnectionPool.check_connection,
+            # No per-checkout check: psycopg_pool backs off (1 s, 2 s, 4 s...) after each dead
+            # connection it finds, so a pool full of cut sessions stalls callers for the whole
+            # timeout. Dead connections are purged in one pass on the first failure instead.
             timeout=self._connect_timeout,
             name=self.application_name,
         )
