@@ -33,7 +33,7 @@ from durably.job import Action, Attempt, AuditEntry, Classification, Job, JobFil
 from durably.policy import RetryPolicy, backoff
 from durably.retry import CancelToken, retry
 from durably.telemetry import PrometheusTelemetry, Telemetry
-from durably.worker import Rescuer, Worker
+from durably.worker import Pruner, Rescuer, Worker
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "PayloadError",
     "Permanent",
     "PrometheusTelemetry",
+    "Pruner",
     "Rescuer",
     "RetryAfter",
     "RetryPolicy",

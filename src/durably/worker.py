@@ -40,14 +40,14 @@ from durably.executor import (
     interrupted_completion,
     rescue_completion,
 )
-from durably.job import Completion, Job, Outcome
+from durably.job import TERMINAL, Completion, Job, Outcome, Status
 from durably.store.base import ClaimRequest, Lease, Store
 from durably.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from durably.app import Durably
 
-__all__ = ["Rescuer", "Worker"]
+__all__ = ["Pruner", "Rescuer", "Worker"]
 
 log = logging.getLogger("durably.worker")
 
@@ -112,6 +112,27 @@ class Rescuer:
         return sum(applied)
 
 
+class Pruner:
+    """Deletes finished jobs (with their attempts and audit) once they are ``retention`` seconds
+    old, so the hot tables stay small. Dead-lettered jobs are kept until someone acts on them."""
+
+    def __init__(
+        self, store: Store, retention: float, statuses: frozenset[Status] = TERMINAL
+    ) -> None:
+        if retention <= 0:
+            raise ConfigError(f"retention must be a positive number of seconds, not {retention}")
+        self.store = store
+        self.retention = retention
+        self.statuses = statuses
+
+    async def run_once(self) -> int:
+        """Prune once; return how many jobs were deleted."""
+        deleted = await self.store.prune(self.retention, self.statuses)
+        if deleted:
+            log.info("pruned %d finished jobs older than %.0fs", deleted, self.retention)
+        return deleted
+
+
 @dataclasses.dataclass(slots=True)
 class _Running:
     job: Job
@@ -146,6 +167,8 @@ class Worker:
         rand: Callable[[], float] = random.random,
         publish_events: bool = True,
         census_interval: float = 15.0,
+        retention: float | None = None,
+        prune_interval: float = 300.0,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, not {concurrency}")
@@ -170,6 +193,8 @@ class Worker:
         self.rand = rand
         self.publish_events = publish_events
         self.census_interval = census_interval
+        self.retention = retention
+        self.prune_interval = prune_interval
         self.stats: Counter[str] = Counter()
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
@@ -229,6 +254,13 @@ class Worker:
             asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat)),
             asyncio.create_task(self._every(self.rescue_interval, self._rescue)),
         ]
+        if self.retention is not None:
+            pruner = Pruner(self._store, self.retention)
+
+            async def prune() -> None:
+                self.stats["pruned"] += await pruner.run_once()
+
+            services.append(asyncio.create_task(self._every(self.prune_interval, prune)))
         if type(self.telemetry) is not Telemetry:
             services.append(asyncio.create_task(self._every(self.census_interval, self._census)))
         publisher_stop = asyncio.Event()
