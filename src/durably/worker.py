@@ -479,6 +479,10 @@ class Worker:
 
     def _account(self, completion: Completion, ok: bool) -> None:
         job = self._inflight.pop(completion.job_id, None)
+        extra: dict[str, object] = (
+            _job_extra(job) if job is not None else {"job_id": completion.job_id}
+        )
+        extra["attempt"] = completion.attempt
         if job is not None:
             self.telemetry.attempt_finished(job, completion, ok)
         if not ok:
@@ -486,7 +490,7 @@ class Worker:
             log.warning(
                 "rejected a stale write for job %s: its lease was taken over",
                 completion.job_id,
-                extra={"job_id": completion.job_id, "attempt": completion.attempt},
+                extra=extra,
             )
             return
         outcome = completion.outcome
@@ -504,8 +508,7 @@ class Worker:
                 else f" ({completion.classification}: {completion.error_message})"
                 + (f", next in {completion.retry_in:.2f}s" if outcome is Outcome.RETRY else ""),
                 extra={
-                    "job_id": completion.job_id,
-                    "attempt": completion.attempt,
+                    **extra,
                     "outcome": outcome.value,
                     "classification": completion.classification,
                 },
