@@ -28,6 +28,7 @@ from rich.text import Text
 
 from durably import __version__
 from durably.app import DEFAULT_URL, Durably
+from durably.batches import BatchSummary
 from durably.errors import (
     ConfigError,
     Conflict,
@@ -691,6 +692,164 @@ _register_action(
     Durably.cancel,
     "Cancel a pending, retrying or dead-lettered job; a running job's worker is asked to stop.",
 )
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+@cli.group(cls=DurablyGroup)
+def batches() -> None:
+    """List, inspect and process batches (jobs enqueued together under a batch id)."""
+
+
+def _batch_row(summary: BatchSummary) -> dict[str, JSON]:
+    return {
+        "batch_id": summary.batch_id,
+        "total": summary.total,
+        "done": summary.done,
+        "counts": {s.value: summary.counts.get(s, 0) for s in Status},
+    }
+
+
+def _recent_batch_ids(app: Durably, limit: int, scan: int) -> list[str]:
+    """Batch ids among the newest ``scan`` jobs, most recent first (the store has no index)."""
+    found: dict[str, None] = {}
+    after: int | None = None
+    seen = 0
+    while seen < scan and len(found) < limit:
+        page = app.jobs(JobFilter(), limit=min(500, scan - seen), after_id=after)
+        if not page:
+            break
+        for job in page:
+            if job.batch_id is not None:
+                found.setdefault(job.batch_id, None)
+                if len(found) == limit:
+                    break
+        seen += len(page)
+        after = page[-1].id
+    return list(found)
+
+
+@batches.command("ls")
+@url_option
+@json_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--scan",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="How many of the newest jobs to look through for batch ids.",
+)
+def batches_ls(url: str, as_json: bool, limit: int, scan: int) -> None:
+    """List recent batches with their counts by status.
+
+    The store keeps no index of batches: this lists the batches among the newest --scan jobs,
+    most recent first, each with exact counts.
+    """
+    app = _open_app(url)
+    summaries = [app.batch(batch_id) for batch_id in _recent_batch_ids(app, limit, scan)]
+    if as_json:
+        _print_json([_batch_row(summary) for summary in summaries])
+        return
+    table = Table(title=f"batches ({len(summaries)})")
+    table.add_column("batch")
+    table.add_column("total", justify="right", style="bold")
+    for status in _STATUSES:
+        table.add_column(status, justify="right", style=_status_style(status))
+    table.add_column("done")
+    for summary in summaries:
+        _add_row(
+            table,
+            summary.batch_id,
+            str(summary.total),
+            *(str(summary.counts.get(Status(s), 0)) for s in _STATUSES),
+            "yes" if summary.done else "no",
+        )
+    _console().print(table)
+
+
+@batches.command("show")
+@click.argument("batch_id")
+@url_option
+@json_option
+def batches_show(batch_id: str, url: str, as_json: bool) -> None:
+    """Show a batch: counts by status and its failing items with their reasons."""
+    app = _open_app(url)
+    summary = app.batch(batch_id)
+    if summary.total == 0:
+        _fail(f"no batch named {batch_id!r}", FAILURE_EXIT)
+    if as_json:
+        _print_json(summary.to_dict())
+        return
+    console = _console()
+    counts = ", ".join(f"{s.value} {summary.counts[s]}" for s in Status if summary.counts.get(s, 0))
+    console.print(
+        Text(
+            f"batch {summary.batch_id}: {summary.total} item{'s' if summary.total != 1 else ''}"
+            f" ({counts}), {'done' if summary.done else 'not done'}"
+        )
+    )
+    failing = Table(title=f"failing items ({len(summary.failing)})")
+    for name, justify in (
+        ("item", "right"),
+        ("job id", "right"),
+        ("status", "left"),
+        ("attempts", "right"),
+        ("classification", "left"),
+        ("last error", "left"),
+    ):
+        failing.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for item in summary.failing:
+        _add_row(
+            failing,
+            "" if item.item_index is None else str(item.item_index),
+            str(item.job_id),
+            _status_text(item.status.value),
+            str(item.attempts),
+            item.classification or "",
+            _truncate(item.last_error),
+        )
+    console.print(failing)
+
+
+@batches.command("process")
+@click.argument("batch_id")
+@click.option("--url", default=None, help="Store URL (default: the URL the app was created with).")
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Module registering the batch's operations (repeatable), e.g. myapp.tasks.",
+)
+@click.option("--app", "app_ref", default=None, metavar="MODULE:ATTR", help="The app to use.")
+@json_option
+def batches_process(
+    batch_id: str, url: str | None, imports: tuple[str, ...], app_ref: str | None, as_json: bool
+) -> None:
+    """Run the batch's pending and retrying items now, in this process.
+
+    Items are claimed under leases, so a worker running meanwhile never runs the same item.
+    """
+    app = find_app(imports, app_ref)
+    if url is not None and url != app.url:
+        app.use_url(url)
+    click.get_current_context().call_on_close(app.close)
+    result = app.process_batch(batch_id)
+    if result.total_items == 0:
+        _fail(f"no batch named {batch_id!r}", FAILURE_EXIT)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for label, count in (
+        ("total", result.total_items),
+        ("succeeded", result.success_count),
+        ("retry scheduled", result.retry_count),
+        ("sent to manual handling", result.manual_count),
+        ("failed to update", result.failed_count),
+    ):
+        click.echo(f"{label + ':':<25}{count}")
 
 
 # -- stats --------------------------------------------------------------------------------------

@@ -301,6 +301,35 @@ class Completion:
     records this, falling back to ``classification``."""
     require_expired: bool = False
 
+    @property
+    def next_status(self) -> Status:
+        """The job's status once this completion is applied."""
+        return _STATUS_AFTER[self.outcome]
+
+    @property
+    def row_outcome(self) -> str:
+        """What the attempt row records as its outcome."""
+        return self.attempt_outcome or _ATTEMPT_OUTCOME[self.outcome]
+
+    @property
+    def row_classification(self) -> str | None:
+        """What the attempt row records as its classification."""
+        return self.attempt_classification or self.classification
+
+
+_STATUS_AFTER: Mapping[Outcome, Status] = {
+    Outcome.SUCCEEDED: Status.SUCCEEDED,
+    Outcome.RETRY: Status.RETRYING,
+    Outcome.DEAD_LETTER: Status.DEAD_LETTER,
+    Outcome.CANCELLED: Status.CANCELLED,
+}
+_ATTEMPT_OUTCOME: Mapping[Outcome, str] = {
+    Outcome.SUCCEEDED: "succeeded",
+    Outcome.RETRY: "failed",
+    Outcome.DEAD_LETTER: "failed",
+    Outcome.CANCELLED: "cancelled",
+}
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobFilter:

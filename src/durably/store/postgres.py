@@ -80,19 +80,6 @@ _TEMPLATES = ("create_schema", "drop_schema", "listen", "enqueue", "live_jobs_by
 _ENQUEUE_ROUNDS = 5
 _PRUNE_CHUNK = 1000
 
-_STATUS_AFTER: dict[Outcome, Status] = {
-    Outcome.SUCCEEDED: Status.SUCCEEDED,
-    Outcome.RETRY: Status.RETRYING,
-    Outcome.DEAD_LETTER: Status.DEAD_LETTER,
-    Outcome.CANCELLED: Status.CANCELLED,
-}
-_ATTEMPT_OUTCOME: dict[Outcome, str] = {
-    Outcome.SUCCEEDED: "succeeded",
-    Outcome.RETRY: "failed",
-    Outcome.DEAD_LETTER: "failed",
-    Outcome.CANCELLED: "cancelled",
-}
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -746,15 +733,15 @@ class PostgresStore:
                     "ord": ord_,
                     "id": c.job_id,
                     "token": c.lease_token,
-                    "status": _STATUS_AFTER[c.outcome].value,
+                    "status": c.next_status.value,
                     "result": c.result,
                     "classification": None if succeeded else c.classification,
                     "error_type": None if succeeded else c.error_type,
                     "error_message": None if succeeded else c.error_message,
                     "retry_in": max(0.0, float(c.retry_in)),
                     "require_expired": c.require_expired,
-                    "attempt_outcome": c.attempt_outcome or _ATTEMPT_OUTCOME[c.outcome],
-                    "attempt_classification": c.attempt_classification or c.classification,
+                    "attempt_outcome": c.row_outcome,
+                    "attempt_classification": c.row_classification,
                     "attempt_error_type": c.error_type,
                     "attempt_error_message": c.error_message,
                     "duration": c.duration,

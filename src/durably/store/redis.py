@@ -116,13 +116,6 @@ _MICRO = timedelta(microseconds=1)
 _PAGE = 200
 _PRUNE_BATCH = 500
 
-_ATTEMPT_OUTCOMES = {
-    Outcome.SUCCEEDED: "succeeded",
-    Outcome.RETRY: "failed",
-    Outcome.DEAD_LETTER: "failed",
-    Outcome.CANCELLED: "cancelled",
-}
-
 
 def _us(dt: datetime) -> int:
     """Microseconds since the epoch, exactly."""
@@ -522,14 +515,14 @@ class RedisStore:
                 "token": c.lease_token,
                 "attempt": c.attempt,
                 "outcome": Outcome(c.outcome).value,
-                "attempt_outcome": c.attempt_outcome or _ATTEMPT_OUTCOMES[Outcome(c.outcome)],
+                "attempt_outcome": c.row_outcome,
                 "retry_us": max(0, _seconds_us(c.retry_in)),
                 "require_expired": c.require_expired,
             }
             optional: dict[str, str | None] = {
                 "result": None if c.result is None else _dumps(c.result, "result"),
                 "classification": _text(c.classification),
-                "attempt_classification": _text(c.attempt_classification or c.classification),
+                "attempt_classification": _text(c.row_classification),
                 "error_type": _text(c.error_type),
                 "error_message": _text(c.error_message),
                 "duration": None if c.duration is None else repr(float(c.duration)),

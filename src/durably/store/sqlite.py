@@ -66,19 +66,6 @@ T = TypeVar("T")
 
 _Q = load_queries("sqlite")
 
-_STATUS_AFTER: dict[Outcome, Status] = {
-    Outcome.SUCCEEDED: Status.SUCCEEDED,
-    Outcome.RETRY: Status.RETRYING,
-    Outcome.DEAD_LETTER: Status.DEAD_LETTER,
-    Outcome.CANCELLED: Status.CANCELLED,
-}
-_ATTEMPT_OUTCOME: dict[Outcome, str] = {
-    Outcome.SUCCEEDED: "succeeded",
-    Outcome.RETRY: "failed",
-    Outcome.DEAD_LETTER: "failed",
-    Outcome.CANCELLED: "cancelled",
-}
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -520,7 +507,7 @@ class SQLiteStore:
             applied: list[bool] = []
             with self._write(conn):
                 for c in completions:
-                    status = _STATUS_AFTER[c.outcome]
+                    status = c.next_status
                     succeeded = c.outcome is Outcome.SUCCEEDED
                     row = conn.execute(
                         _Q["complete"],
@@ -545,8 +532,8 @@ class SQLiteStore:
                         _Q["finish_attempt"],
                         {
                             "now": now,
-                            "outcome": c.attempt_outcome or _ATTEMPT_OUTCOME[c.outcome],
-                            "classification": c.attempt_classification or c.classification,
+                            "outcome": c.row_outcome,
+                            "classification": c.row_classification,
                             "error_type": c.error_type,
                             "error_message": c.error_message,
                             "duration": c.duration,
