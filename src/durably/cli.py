@@ -322,6 +322,24 @@ def find_app(imports: Sequence[str], app_ref: str | None) -> Durably:
 @click.option("--app", "app_ref", default=None, metavar="MODULE:ATTR", help="The app to run.")
 @click.option("--queue", "queues", multiple=True, help="Queue to work (repeatable; default: all).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Jobs claimed ahead of free slots (default: as many as --concurrency).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most jobs one claim takes (default: concurrency + prefetch).",
+)
+@click.option(
+    "--retention",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Delete finished jobs this many seconds old (default: keep them).",
+)
 @click.option("--burst", is_flag=True, help="Exit once no job is due instead of waiting for more.")
 @click.option(
     "--lease", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True
@@ -346,6 +364,9 @@ def worker(
     app_ref: str | None,
     queues: tuple[str, ...],
     concurrency: int,
+    prefetch: int | None,
+    batch_size: int | None,
+    retention: float | None,
     burst: bool,
     lease: float,
     poll: float,
@@ -366,6 +387,9 @@ def worker(
     stats = app.run_worker(
         queues=list(queues) or None,
         concurrency=concurrency,
+        prefetch=prefetch,
+        batch_size=batch_size,
+        retention=retention,
         burst=burst,
         lease_seconds=lease,
         poll_interval=poll,

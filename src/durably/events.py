@@ -19,15 +19,16 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from durably.errors import ConfigError
 from durably.job import JSON, Event, Job, Status
 from durably.policy import RetryPolicy, backoff
 from durably.store.base import Store
 from durably.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "Publisher",
@@ -203,6 +204,8 @@ class WebhookSink:
             raise ConfigError(f"a webhook URL must be http(s), not {url!r}")
         if not secret:
             raise ConfigError("a webhook needs a signing secret")
+        import httpx  # here, not at module level: workers without webhooks start faster
+
         self.url = url
         self._secret = secret.encode()
         self._client = client or httpx.AsyncClient(timeout=timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -124,12 +125,21 @@ def _json_result(job: Job, value: Any) -> JSON:
     return value
 
 
+_DEFAULT_POLICY = RetryPolicy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _snapshot_policy(base: RetryPolicy, snapshot: tuple[tuple[str, Any], ...]) -> RetryPolicy:
+    # Jobs of one operation share a handful of snapshots: validate each once, not per attempt.
+    return RetryPolicy.from_dict(dict(snapshot), base=base)
+
+
 def _policy_for(job: Job, operation: Operation | None) -> RetryPolicy:
-    base = operation.policy if operation is not None else RetryPolicy()
+    base = operation.policy if operation is not None else _DEFAULT_POLICY
     if not job.policy:
         return base
     try:
-        return RetryPolicy.from_dict(job.policy, base=base)
+        return _snapshot_policy(base, tuple(sorted(job.policy.items())))
     except Exception:  # a snapshot from another version: the registered policy still applies
         log.warning("job %s has an unreadable policy snapshot; using the registered one", job.id)
         return base

@@ -186,10 +186,15 @@ SELECT * FROM jobs
  LIMIT %(limit)s
 
 -- name: next_due
-SELECT extract(epoch FROM min(run_at) - coalesce(%(now)s::timestamptz, now()))::double precision
+-- One index probe per queue on jobs_waiting: min() over "queue = ANY(...)" scanned the table,
+-- 74 ms with 200,000 future jobs, on every idle pass of every worker.
+SELECT extract(epoch FROM min(n.run_at) - coalesce(%(now)s::timestamptz, now()))::double precision
        AS seconds
-  FROM jobs
- WHERE status IN ('pending', 'retrying') AND queue = ANY(%(queues)s::text[])
+  FROM unnest(%(queues)s::text[]) AS q (name)
+ CROSS JOIN LATERAL (
+       SELECT j.run_at FROM jobs j
+        WHERE j.status IN ('pending', 'retrying') AND j.queue = q.name
+        ORDER BY j.run_at LIMIT 1) AS n
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = %(id)s
