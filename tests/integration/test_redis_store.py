@@ -579,3 +579,21 @@ async def test_unicode_and_odd_keys_round_trip(open_store: OpenStore) -> None:
     ) == [True]
     assert (await store.get(r2.job.id)).last_error == "bad ? surrogate"
     assert [j.id for j in await store.list_jobs(JobFilter(key=key, batch_id="b*"))] == [job.id]
+
+
+async def test_the_url_can_name_the_prefix(redis_url: str) -> None:
+    prefix = unique_name("durably-test")
+    store = RedisStore.from_url(f"{redis_url}?prefix={prefix}")
+    assert store.prefix == prefix
+    await store.open()
+    try:
+        [result] = await store.enqueue([NewJob("h", {"n": 1})])
+        other = RedisStore(redis_url, prefix=prefix)
+        await other.open()
+        try:
+            assert (await other.get(result.job.id)).payload == {"n": 1}
+        finally:
+            await other.close()
+    finally:
+        await store.drop_namespace()
+        await store.close()

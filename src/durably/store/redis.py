@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -289,7 +290,18 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
-        """A store for a ``redis://``, ``rediss://`` or ``unix://`` URL (options: ``__init__``)."""
+        """A store for a ``redis://``, ``rediss://`` or ``unix://`` URL (options: ``__init__``).
+
+        ``?prefix=name`` in the URL sets the key prefix (so the CLI's ``--url`` can reach any
+        app's namespace); an explicit ``prefix=`` option wins.
+        """
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefixes = [value for name, value in query if name == "prefix"]
+        if prefixes:
+            options.setdefault("prefix", prefixes[-1])
+            rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+            url = urlunsplit(parts._replace(query=rest))
         return cls(url, **options)
 
     def __repr__(self) -> str:
