@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from durably.job import Completion, Outcome, Status
+from durably.job import Action, Completion, Outcome, Status
 from durably.store import Store
-from durably.store.base import Lease
+from durably.store.base import ActionRequest, Lease
 from durably.testing import FakeClock
 
 from .conftest import at, claim, claim_one, enqueue_one, finish, lease_of, reach, same_time
@@ -316,3 +316,17 @@ async def test_attempt_row_keeps_its_own_classification_under_the_verdict(store:
     assert (await store.get(job.id)).classification == "exhausted"
     [attempt] = await store.attempts(job.id)
     assert attempt.classification == "timeout"
+
+
+async def test_release_after_a_requeue_that_kept_attempts_goes_back_to_retrying(
+    store: Store,
+) -> None:
+    job = await reach(store, Status.DEAD_LETTER)
+    await store.act(ActionRequest(job_id=job.id, action=Action.REQUEUE, actor="alice"))
+    running = await claim_one(store)
+    assert running.attempts == 2
+    assert await store.release([lease_of(running)]) == 1
+    back = await store.get(job.id)
+    # The documented rule: attempts left on record (1) -> retrying, run_at unchanged.
+    assert (back.status, back.attempts) == (Status.RETRYING, 1)
+    assert back.first_attempt_at is not None

@@ -5,20 +5,22 @@ local released = 0
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
   local jk = jkey(id)
-  local row = redis.call('HMGET', jk, 'status', 'lease_token', 'queue', 'claimed_from',
-    'claim_set_first', 'run_at')
+  local row = redis.call('HMGET', jk, 'status', 'lease_token', 'queue', 'attempts', 'run_at')
   if row[1] == 'running' and row[2] == ARGV[i + 1] then
     local queue = row[3]
-    local back = row[4] or 'pending'
+    -- The protocol's rule, as every store applies it: no attempt left on record -> pending.
+    local left = tonumber(row[4]) - 1
+    local back = 'retrying'
+    if left == 0 then
+      back = 'pending'
+      redis.call('HDEL', jk, 'first_attempt_at')
+    end
     redis.call('ZREM', P .. ':leases', pad(id))
     redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id', 'claimed_from',
       'claim_set_first')
-    if row[5] == '1' then
-      redis.call('HDEL', jk, 'first_attempt_at')
-    end
-    redis.call('HINCRBY', jk, 'attempts', -1)
+    redis.call('HSET', jk, 'attempts', left)
     redis.call('RPOP', jk .. ':attempts')
-    redis.call('ZADD', P .. ':due:' .. queue, row[6], pad(id))
+    redis.call('ZADD', P .. ':due:' .. queue, row[5], pad(id))
     move_status(id, queue, 'running', back)
     bump(jk, now)
     wake(queue)
