@@ -752,11 +752,20 @@ class PostgresStore:
         applied = [False] * len(completions)
         async with self._connection("complete") as conn, conn.transaction():
             cur = await conn.execute(_Q["complete"], params)
-            done = [(row["ord"], _job(row)) for row in await cur.fetchall()]
-            # Batch locks in a fixed order, so two completers never wait on each other in a cycle.
-            for ord_, job in sorted(done, key=lambda d: (d[1].batch_id or "", d[1].id)):
-                applied[ord_] = True
-                await self._emit(conn, Status.RUNNING, job, now)
+            owed: list[int] = []
+            for row in await cur.fetchall():
+                applied[row["ord"]] = True
+                if row["event_scope"] is not None and Status(row["status"]) in EVENT_STATUSES:
+                    owed.append(row["id"])
+            if owed:
+                # Whole rows only for the jobs that owe events, read back under this
+                # transaction's row locks, so they are exactly the rows just written.
+                cur = await conn.execute(_Q["jobs_by_ids"], {"ids": owed})
+                jobs = [_job(row) for row in await cur.fetchall()]
+                # Batch locks in a fixed order, so two completers never wait on each other in a
+                # cycle.
+                for job in sorted(jobs, key=lambda j: (j.batch_id or "", j.id)):
+                    await self._emit(conn, Status.RUNNING, job, now)
         return applied
 
     async def _emit(

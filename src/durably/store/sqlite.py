@@ -365,25 +365,42 @@ class SQLiteStore:
 
     # -- producers --------------------------------------------------------------------------
 
+    @staticmethod
+    def _insert_params(job: NewJob, now: float) -> dict[str, Any]:
+        return {
+            "queue": job.queue,
+            "handler": job.handler,
+            "payload": _dumps(job.payload),
+            "max_attempts": job.max_attempts,
+            "policy": _dumps(dict(job.policy)),
+            "run_at": now + max(0.0, job.delay),
+            "now": now,
+            "key": job.key,
+            "timeout": job.timeout,
+            "batch_id": job.batch_id,
+            "item_index": job.item_index,
+            "event_scope": job.event_scope,
+            "meta": _dumps(dict(job.meta)),
+        }
+
+    def _insert_keyless(
+        self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float
+    ) -> list[EnqueueResult]:
+        """Insert jobs that hold no key with one ``executemany``, then read them back.
+
+        Without keys nothing can conflict, so every row is inserted. ``jobs.id`` is
+        AUTOINCREMENT and this transaction holds the write lock, so the new ids are the
+        contiguous range ending at ``last_insert_rowid()``, in input order.
+        """
+        conn.executemany(_Q["insert_job_plain"], [self._insert_params(j, now) for j in jobs])
+        last = conn.execute(_Q["last_insert_rowid"]).fetchone()[0]
+        rows = conn.execute(_Q["jobs_in_id_range"], (last - len(jobs), last)).fetchall()
+        if len(rows) != len(jobs):  # pragma: no cover - guarded by the write lock
+            raise StoreError(f"enqueue inserted {len(rows)} jobs, expected {len(jobs)}")
+        return [EnqueueResult(_job(row), created=True) for row in rows]
+
     def _insert(self, conn: sqlite3.Connection, job: NewJob, now: float) -> EnqueueResult:
-        row = conn.execute(
-            _Q["insert_job"],
-            {
-                "queue": job.queue,
-                "handler": job.handler,
-                "payload": _dumps(job.payload),
-                "max_attempts": job.max_attempts,
-                "policy": _dumps(dict(job.policy)),
-                "run_at": now + max(0.0, job.delay),
-                "now": now,
-                "key": job.key,
-                "timeout": job.timeout,
-                "batch_id": job.batch_id,
-                "item_index": job.item_index,
-                "event_scope": job.event_scope,
-                "meta": _dumps(dict(job.meta)),
-            },
-        ).fetchone()
+        row = conn.execute(_Q["insert_job"], self._insert_params(job, now)).fetchone()
         if row is not None:
             return EnqueueResult(_job(row), created=True)
         existing = conn.execute(_Q["live_job_by_key"], (job.key,)).fetchone()
@@ -399,6 +416,8 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> list[EnqueueResult]:
             now = self._now()
             with self._write(conn):
+                if len(jobs) > 1 and all(job.key is None for job in jobs):
+                    return self._insert_keyless(conn, jobs, now)
                 return [self._insert(conn, job, now) for job in jobs]
 
         results = await self._run(work)
@@ -505,6 +524,7 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> list[bool]:
             now = self._now()
             applied: list[bool] = []
+            finished: list[dict[str, Any]] = []
             with self._write(conn):
                 for c in completions:
                     status = c.next_status
@@ -527,9 +547,12 @@ class SQLiteStore:
                     if row is None:
                         applied.append(False)
                         continue
-                    _emit(conn, Status.RUNNING, _job(row), now)
-                    conn.execute(
-                        _Q["finish_attempt"],
+                    if row["event_scope"] is not None and status in EVENT_STATUSES:
+                        # The whole row only when an event is owed; emitted before the next
+                        # completion so a batch's last job is seen as the last exactly once.
+                        after = conn.execute(_Q["get_job"], (c.job_id,)).fetchone()
+                        _emit(conn, Status.RUNNING, _job(after), now)
+                    finished.append(
                         {
                             "now": now,
                             "outcome": c.row_outcome,
@@ -538,9 +561,10 @@ class SQLiteStore:
                             "error_message": c.error_message,
                             "duration": c.duration,
                             "id": c.job_id,
-                        },
+                        }
                     )
                     applied.append(True)
+                conn.executemany(_Q["finish_attempt"], finished)
             return applied
 
         results = await self._run(work)

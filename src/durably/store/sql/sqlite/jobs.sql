@@ -6,6 +6,19 @@ VALUES (:queue, :handler, :payload, 'pending', :max_attempts, :policy, :run_at, 
 ON CONFLICT DO NOTHING
 RETURNING *
 
+-- name: insert_job_plain
+-- For a batch without keys (executemany): nothing can conflict and RETURNING is not allowed.
+INSERT INTO jobs (queue, handler, payload, status, max_attempts, policy, run_at, created_at,
+                  updated_at, key, timeout, batch_id, item_index, event_scope, meta)
+VALUES (:queue, :handler, :payload, 'pending', :max_attempts, :policy, :run_at, :now, :now,
+        :key, :timeout, :batch_id, :item_index, :event_scope, :meta)
+
+-- name: last_insert_rowid
+SELECT last_insert_rowid()
+
+-- name: jobs_in_id_range
+SELECT * FROM jobs WHERE id > ? AND id <= ? ORDER BY id
+
 -- name: live_job_by_key
 SELECT * FROM jobs WHERE key = ? AND status IN ('pending', 'running', 'retrying')
 
@@ -67,7 +80,7 @@ UPDATE jobs
        version = version + 1, updated_at = :now
  WHERE id = :id AND status = 'running' AND lease_token = :token
    AND (:require_expired = 0 OR lease_expires_at < :now)
-RETURNING *
+RETURNING id, event_scope
 
 -- name: finish_attempt
 UPDATE attempts
