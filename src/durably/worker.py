@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from durably.errors import ConfigError, StoreError
+from durably.errors import ConfigError, StoreError, StoreUnavailable
 from durably.events import Publisher
 from durably.executor import (
     JobContext,
@@ -234,17 +234,24 @@ class Worker:
     async def run(self, *, install_signals: bool = False) -> None:
         """Work until stopped (or, in burst mode, until no job is due)."""
         loop = asyncio.get_running_loop()
-        self._store = await self.app.store_async()
-        self._threads = ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix="durably-job"
-        )
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+        try:
+            store = await self._open_store()
+        finally:
+            if install_signals and self._store is None:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        if store is None:
+            return  # stopped before the store could be reached: nothing was claimed
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="durably-job"
+        )
         log.info(
             "worker %s started on %s (queues %s, concurrency %d)",
             self.worker_id,
-            self._store.url,
+            store.url,
             ",".join(self.queues),
             self.concurrency,
         )
@@ -257,7 +264,7 @@ class Worker:
             asyncio.create_task(self._every(self.rescue_interval, self._rescue)),
         ]
         if self.retention is not None:
-            pruner = Pruner(self._store, self.retention)
+            pruner = Pruner(store, self.retention)
 
             async def prune() -> None:
                 self.stats["pruned"] += await pruner.run_once()
@@ -268,7 +275,7 @@ class Worker:
         publisher_stop = asyncio.Event()
         sinks = self.app.all_sinks()
         if sinks and self.publish_events:
-            self.publisher = Publisher(self._store, sinks, telemetry=self.telemetry, rand=self.rand)
+            self.publisher = Publisher(store, sinks, telemetry=self.telemetry, rand=self.rand)
             publishing = asyncio.create_task(
                 self.publisher.run(publisher_stop, poll_interval=self.poll_interval)
             )
@@ -285,6 +292,30 @@ class Worker:
                     loop.remove_signal_handler(sig)
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped (%s)", self.worker_id, dict(self.stats))
+
+    async def _open_store(self) -> Store | None:
+        """Open the store, backing off while it is unreachable (a database restarting, a cut
+        session during migrations): a worker never exits because its store blinked.
+
+        Returns None when a stop was requested before the store could be reached.
+        """
+        failures = 0
+        while True:
+            try:
+                self._store = await self.app.store_async()
+                return self._store
+            except StoreUnavailable as exc:
+                failures += 1
+                delay = min(30.0, 0.1 * 2 ** min(failures, 10)) * (0.5 + self.rand() / 2)
+                log.error(
+                    "worker %s cannot reach the store (%s); retrying in %.1fs",
+                    self.worker_id,
+                    exc,
+                    delay,
+                )
+            await self._until(asyncio.sleep(delay), None)
+            if self._stop.is_set():
+                return None
 
     # -- fetching ---------------------------------------------------------------------------
 
