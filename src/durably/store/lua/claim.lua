@@ -56,15 +56,12 @@ for _, c in ipairs(candidates) do
     redis.call('ZREM', P .. ':due:' .. queue, c[2])
     move_status(id, queue, status, 'running')
     redis.call('HINCRBY', jk, 'attempts', 1)
-    local set_first = '0'
     if redis.call('HEXISTS', jk, 'first_attempt_at') == 0 then
       redis.call('HSET', jk, 'first_attempt_at', int(now))
-      set_first = '1'
     end
     local expires = now + lease_us
     redis.call('HSET', jk, 'worker_id', worker, 'lease_token', ARGV[token_base + #out + 1],
-      'lease_expires_at', int(expires), 'claimed_from', status, 'claim_set_first', set_first,
-      'cancel_requested', '0')
+      'lease_expires_at', int(expires), 'cancel_requested', '0')
     bump(jk, now)
     redis.call('ZADD', P .. ':leases', int(expires), c[2])
     -- Attempt rows are history: numbering continues after a requeue that reset attempts.

@@ -19,8 +19,7 @@ for i = 2, #ARGV do
     local id = tostring(c.id)
     local queue = row[4]
     redis.call('ZREM', P .. ':leases', pad(id))
-    redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id', 'claimed_from',
-      'claim_set_first')
+    redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id')
     redis.call('HSET', jk, 'cancel_requested', '0')
     set_or_del(jk, 'result', c.result)
     if target == 'succeeded' then

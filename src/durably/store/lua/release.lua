@@ -16,8 +16,7 @@ for i = 2, #ARGV, 2 do
       redis.call('HDEL', jk, 'first_attempt_at')
     end
     redis.call('ZREM', P .. ':leases', pad(id))
-    redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id', 'claimed_from',
-      'claim_set_first')
+    redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id')
     redis.call('HSET', jk, 'attempts', left)
     redis.call('RPOP', jk .. ':attempts')
     redis.call('ZADD', P .. ':due:' .. queue, row[5], pad(id))
