@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,13 +40,8 @@ def app(url: str) -> Iterator[durably.Durably]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # `durably worker` configures the root logger, as a program should; undo it per test.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def _logging(restore_logging: None) -> None:
+    """Every CLI test restores the root logger (see ``restore_logging``)."""
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -62,12 +61,8 @@ def app(url: str) -> Iterator[durably.Durably]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def _logging(restore_logging: None) -> None:
+    """Every CLI test restores the root logger (see ``restore_logging``)."""
 
 
 @pytest.fixture
