@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -112,3 +113,13 @@ async def store(
     finally:
         await drop_namespace(st)
         await st.close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo the root-logger set-up `durably worker` does, as a program should, after a test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
