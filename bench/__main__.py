@@ -166,10 +166,13 @@ def _summary(workload: str, runs: list[dict[str, Any]]) -> list[str]:
         f"p50 {_fmt(med('latency_p50_ms'), 1)} / p99 {_fmt(med('latency_p99_ms'), 1)}"
         f" / max {_fmt(med('latency_max_ms'), 1)} ms"
     )
-    extra = ""
+    extra = (
+        f"after enqueue returned: p50 {_fmt(med('after_commit_p50_ms'), 1)} / p99 "
+        f"{_fmt(med('after_commit_p99_ms'), 1)} ms"
+    )
     if workload == "W4":
-        extra = (
-            f"backlog {_fmt(med('backlog'))} untouched, enqueued at "
+        extra += (
+            f"; backlog {_fmt(med('backlog'))} untouched, enqueued at "
             f"{_fmt(med('backlog_enqueue_jobs_per_s'))}/s"
         )
     return ["-", "-", latency, extra]
@@ -247,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.stores.split(",") if k.strip()]

@@ -8,6 +8,7 @@ work from scripts, Django and Flask views, and threads alike.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -51,6 +52,8 @@ F = TypeVar("F", bound=Handler)
 DEFAULT_URL = "sqlite:///durably.db"
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+# One encoder for every payload check: json.dumps with options builds a new encoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> str:
@@ -304,7 +307,7 @@ class Durably:
                 "to enqueue for workers that have it"
             )
         chosen = policy or (op.policy if op is not None else self.default_policy)
-        _check_payload(payload, self.max_payload_bytes, "payload")
+        encoded = _check_payload(payload, self.max_payload_bytes, "payload")
         if meta is not None:
             _check_payload(dict(meta), self.max_payload_bytes, "meta")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 512):
@@ -319,13 +322,14 @@ class Durably:
             queue=_check_name("queue", queue or (op.queue if op else self.default_queue), _QUEUE),
             key=key,
             max_attempts=chosen.max_attempts,
-            policy=chosen.to_dict(),
+            policy=_snapshot(chosen),
             delay=chosen.initial_delay if delay is None else delay,
             timeout=timeout if timeout is not None else chosen.timeout,
             batch_id=batch_id,
             item_index=item_index,
             event_scope=event_scope,
             meta=dict(meta or {}),
+            payload_json=encoded,
         )
 
     async def enqueue_async(
@@ -848,14 +852,29 @@ class Durably:
         return asyncio.run(main())
 
 
-def _check_payload(value: JSON, limit: int, what: str) -> None:
+def _check_payload(value: JSON, limit: int, what: str) -> str:
+    """``value`` as compact JSON, or :class:`PayloadError` when it is not JSON or too large."""
     try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        encoded = _ENCODE(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"{what} must be JSON (dict, list, str, number, bool, None): {exc}"
         ) from exc
-    if len(encoded.encode()) > limit:
-        raise PayloadError(
-            f"{what} is {len(encoded.encode())} bytes encoded; the limit is {limit} bytes"
-        )
+    # A character is at most 4 bytes of UTF-8: most payloads need no byte count at all.
+    if len(encoded) * 4 > limit and len(size := encoded.encode()) > limit:
+        raise PayloadError(f"{what} is {len(size)} bytes encoded; the limit is {limit} bytes")
+    return encoded
+
+
+def _snapshot(policy: RetryPolicy) -> Mapping[str, JSON]:
+    """The policy's snapshot, built once per policy: enqueueing in bulk reuses it (stores only
+    read it)."""
+    try:
+        return _cached_snapshot(policy)
+    except TypeError:  # a policy holding an unhashable value (say a list for retry_on)
+        return policy.to_dict()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_snapshot(policy: RetryPolicy) -> Mapping[str, JSON]:
+    return policy.to_dict()

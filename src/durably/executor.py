@@ -49,16 +49,31 @@ class JobContext:
     job: Job
     attempt: int
     worker_id: str
-    _cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # A plain flag (reading a bool is atomic, so handler threads may poll it): an Event per
+    # attempt was a measurable share of a worker's time on short jobs.
+    _cancelled: bool = False
+    _event: threading.Event | None = None  # made only when a handler thread waits on it
 
     @property
     def cancelled(self) -> bool:
         """True once the attempt should stop."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def cancel(self) -> None:
         """Ask the handler to stop (used by the worker)."""
-        self._cancel.set()
+        self._cancelled = True
+        if self._event is not None:
+            self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block (in a synchronous handler's thread) until the attempt should stop or
+        ``timeout`` seconds pass; True when it should stop."""
+        if self._event is None:
+            self._event = threading.Event()
+        # Read the flag after the event exists: a cancel() in between sets one or the other.
+        if self._cancelled:
+            return True
+        return self._event.wait(timeout)
 
     @property
     def meta(self) -> Mapping[str, JSON]:
@@ -111,7 +126,12 @@ def _elapsed(job: Job, duration: float) -> float:
     return max(0.0, (job.updated_at - job.first_attempt_at).total_seconds()) + duration
 
 
+_PLAIN = frozenset({type(None), bool, int, str})
+
+
 def _json_result(job: Job, value: Any) -> JSON:
+    if type(value) in _PLAIN:
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError):
@@ -143,6 +163,16 @@ def _policy_for(job: Job, operation: Operation | None) -> RetryPolicy:
     except Exception:  # a snapshot from another version: the registered policy still applies
         log.warning("job %s has an unreadable policy snapshot; using the registered one", job.id)
         return base
+
+
+def _timeout_for(job: Job, operation: Operation) -> float | None:
+    """The attempt's time limit. The policy is rebuilt only when the job's own fields do not
+    settle it: a successful attempt never needs the rest of the policy."""
+    if job.timeout is not None:
+        return job.timeout
+    if job.policy and "timeout" in job.policy and job.policy["timeout"] is None:
+        return None
+    return _policy_for(job, operation).timeout
 
 
 def _failure(
@@ -236,21 +266,24 @@ async def execute(
         return _permanent(
             job, Classification.BAD_PAYLOAD, f"payload is not valid JSON: {job.payload.error}"
         )
-    policy = _policy_for(job, operation)
-    timeout = job.timeout if job.timeout is not None else policy.timeout
+    timeout = _timeout_for(job, operation)
     args: tuple[Any, ...] = (job.payload, context) if operation.wants_context else (job.payload,)
     started = monotonic()
-    scope = asyncio.timeout(timeout)
+    scope = None if timeout is None else asyncio.timeout(timeout)
     try:
         if operation.is_async:
             call: Awaitable[Any] = operation.fn(*args)
         else:
             loop = asyncio.get_running_loop()
             call = loop.run_in_executor(threads, lambda: operation.fn(*args))
-        async with scope:
+        if scope is None:
             result = await call
+        else:
+            async with scope:
+                result = await call
     except TimeoutError as exc:
-        if not scope.expired():
+        policy = _policy_for(job, operation)
+        if scope is None or not scope.expired():
             return _exception_completion(job, policy, exc, monotonic() - started, rand)
         # Our per-attempt limit. A sync handler's thread cannot be killed: it is told to stop.
         context.cancel()
@@ -268,6 +301,7 @@ async def execute(
         context.cancel()
         raise
     except Exception as exc:
+        policy = _policy_for(job, operation)
         return _exception_completion(job, policy, exc, monotonic() - started, rand)
     return Completion(
         job_id=job.id,

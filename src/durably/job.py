@@ -169,6 +169,9 @@ class NewJob:
     event_scope: str | None = None
     meta: Mapping[str, JSON] = dataclasses.field(default_factory=dict)
     """Free-form context carried to logs and events: ``request_id``, ``trace_id``, ..."""
+    payload_json: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    """``payload`` already encoded as compact JSON (the app encodes it once to check its size);
+    a store may write it instead of encoding the payload again. ``None``: the store encodes."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

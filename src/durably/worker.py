@@ -512,18 +512,22 @@ class Worker:
 
     def _account(self, completion: Completion, ok: bool) -> None:
         job = self._inflight.pop(completion.job_id, None)
-        extra: dict[str, object] = (
-            _job_extra(job) if job is not None else {"job_id": completion.job_id}
-        )
-        extra["attempt"] = completion.attempt
         if job is not None:
             self.telemetry.attempt_finished(job, completion, ok)
+
+        def extra() -> dict[str, object]:  # built only when a line is logged
+            fields: dict[str, object] = (
+                _job_extra(job) if job is not None else {"job_id": completion.job_id}
+            )
+            fields["attempt"] = completion.attempt
+            return fields
+
         if not ok:
             self.stats["stale_writes"] += 1
             log.warning(
                 "rejected a stale write for job %s: its lease was taken over",
                 completion.job_id,
-                extra=extra,
+                extra=extra(),
             )
             return
         outcome = completion.outcome
@@ -541,7 +545,7 @@ class Worker:
                 else f" ({completion.classification}: {completion.error_message})"
                 + (f", next in {completion.retry_in:.2f}s" if outcome is Outcome.RETRY else ""),
                 extra={
-                    **extra,
+                    **extra(),
                     "outcome": outcome.value,
                     "classification": completion.classification,
                 },

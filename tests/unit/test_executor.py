@@ -229,7 +229,7 @@ async def test_a_sync_handler_over_its_timeout_is_told_to_stop(
 
     def handler(payload: JSON, context: JobContext) -> str:
         # Cooperative: returns as soon as the executor says the attempt is over.
-        context._cancel.wait(timeout=10)
+        context.wait(timeout=10)
         finished.set()
         return "late"
 
@@ -313,3 +313,43 @@ async def test_an_unreadable_policy_snapshot_falls_back_to_the_registered_policy
 
     assert completion.outcome is Outcome.DEAD_LETTER
     assert completion.classification == "exhausted"
+
+
+def test_context_wait_returns_at_once_when_already_cancelled() -> None:
+    context = JobContext(job=make_job(), attempt=1, worker_id="w")
+    assert context.wait(timeout=0) is False
+    context.cancel()
+    assert context.cancelled
+    assert context.wait(timeout=10) is True
+
+
+async def test_context_wait_wakes_a_waiting_thread_on_cancel() -> None:
+    context = JobContext(job=make_job(), attempt=1, worker_id="w")
+    waiting = threading.Event()
+
+    def handler_thread() -> bool:
+        waiting.set()
+        return context.wait(timeout=10)
+
+    result = asyncio.ensure_future(asyncio.to_thread(handler_thread))
+    assert await asyncio.to_thread(waiting.wait, 10)
+    context.cancel()
+    assert await asyncio.wait_for(result, 10) is True
+
+
+async def test_a_successful_attempt_never_rebuilds_the_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import durably.executor as executor_module
+
+    def refuse(*args: object) -> RetryPolicy:
+        raise AssertionError("the policy was rebuilt for a successful attempt")
+
+    monkeypatch.setattr(executor_module, "_policy_for", refuse)
+
+    async def handler(payload: JSON) -> int:
+        return 7
+
+    completion, _ = await run(make_job(attempts=1), op(handler))
+    assert completion.outcome is Outcome.SUCCEEDED
+    assert completion.result == 7
