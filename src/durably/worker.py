@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import random
@@ -199,7 +200,11 @@ class Worker:
         self.prune_interval = prune_interval
         self.stats: Counter[str] = Counter()
         self._stop = asyncio.Event()
-        self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        # Claimed jobs waiting for a runner. Retries (second or later attempt) go first, as in
+        # the store's claim order: a retry claimed behind a prefetched batch of fresh jobs would
+        # otherwise wait for all of them. Entries: (rank, sequence, job); None stops a runner.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Job | None]] = asyncio.PriorityQueue()
+        self._sequence = itertools.count()
         self._running: dict[int, _Running] = {}
         # Claimed jobs still waiting for a runner that must not start: "lost" (the lease was
         # taken over) or "cancel" (an operator cancelled them), as the heartbeat found.
@@ -349,7 +354,7 @@ class Worker:
                 self.stats["claimed"] += 1
                 self._inflight[job.id] = job
                 self.telemetry.job_started(job, (job.updated_at - job.run_at).total_seconds())
-                self._queue.put_nowait(job)
+                self._queue.put_nowait((0 if job.attempts > 1 else 1, next(self._sequence), job))
             if len(jobs) == limit:
                 continue  # probably more work: claim again at once
             if await self._idle():
@@ -415,7 +420,7 @@ class Worker:
 
     async def _runner(self) -> None:
         while True:
-            job = await self._queue.get()
+            _, _, job = await self._queue.get()
             if job is None:
                 return
             await self._run_one(job)
@@ -568,7 +573,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         held = {r.job.id: r for r in self._running.values()}
-        waiting = [job for job in self._queue._queue if job is not None]  # type: ignore[attr-defined]
+        waiting = [job for _, _, job in self._queue._queue if job is not None]  # type: ignore[attr-defined]
         # Every claimed job whose ending is not written yet: queued, running, and finished with
         # the write still pending (a store outage must not get finished work rescued and re-run).
         leases = [Lease(job.id, job.lease_token or "") for job in self._inflight.values()]
@@ -635,7 +640,7 @@ class Worker:
     ) -> None:
         unstarted: list[Job] = []
         while not self._queue.empty():
-            job = self._queue.get_nowait()
+            _, _, job = self._queue.get_nowait()
             if job is None:
                 continue
             skip = self._skip.pop(job.id, None)
@@ -660,7 +665,7 @@ class Worker:
                     exc,
                 )
         for _ in runners:
-            self._queue.put_nowait(None)
+            self._queue.put_nowait((2, next(self._sequence), None))
         if self._running:
             log.info(
                 "waiting up to %.0fs for %d running jobs", self.shutdown_timeout, len(self._running)

@@ -7,15 +7,16 @@ import asyncio
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from durably import Durably, JobContext, Rescuer, RetryPolicy, Status, Worker
-from durably.job import JSON, Action
+from durably.job import JSON, Action, Job
 from durably.store.base import ClaimRequest, Lease
+from durably.telemetry import Telemetry
 from durably.testing import FakeClock
 
 # Waits are bounds on something that happens at once, never a way to synchronise.
@@ -421,3 +422,60 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             app.worker(**options)
+
+
+async def test_a_claimed_retry_runs_before_fresh_jobs_already_waiting(tmp_path: Path) -> None:
+    # One runner, fresh jobs prefetched behind it: a retry claimed after them must not wait for
+    # all of them (the store claims retries first; the worker's own queue keeps that order).
+    changed = asyncio.Event()
+    claims: list[tuple[str, int]] = []
+    order: list[tuple[str, int]] = []
+
+    class Claims(Telemetry):
+        def job_started(self, job: Job, latency: float) -> None:
+            claims.append((job.handler, job.attempts))
+            changed.set()
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        while True:
+            changed.clear()
+            if predicate():
+                return
+            await changed.wait()
+
+    app = Durably(f"sqlite:///{tmp_path / 'jobs.db'}", telemetry=Claims())
+    first_gate, fresh_gate = asyncio.Event(), asyncio.Event()
+
+    @app.operation("flaky", policy=RetryPolicy(max_attempts=3, fixed=0.001, jitter="none"))
+    async def flaky(payload: JSON, context: JobContext) -> None:
+        order.append(("flaky", context.attempt))
+        changed.set()
+        if context.attempt == 1:
+            await first_gate.wait()
+            raise RuntimeError("first attempt fails")
+
+    @app.operation("fresh")
+    async def fresh(payload: JSON, context: JobContext) -> None:
+        order.append(("fresh", int(payload["i"])))
+        changed.set()
+        if payload["i"] == 1:
+            await fresh_gate.wait()
+
+    try:
+        await app.enqueue_async("flaky")
+        worker = app.worker(concurrency=1, prefetch=3, poll_interval=0.02)
+        running = asyncio.ensure_future(worker.run())
+        await bounded(until(lambda: ("flaky", 1) in order))
+        for i in (1, 2, 3):
+            await app.enqueue_async("fresh", {"i": i})
+        await bounded(until(lambda: claims.count(("fresh", 1)) == 3))
+        first_gate.set()  # attempt 1 fails; fresh 1 starts and holds the only runner
+        await bounded(until(lambda: ("flaky", 2) in claims))  # claimed behind fresh 2 and 3
+        assert order == [("flaky", 1), ("fresh", 1)]
+        fresh_gate.set()
+        await bounded(until(lambda: len(order) == 5))
+        worker.stop()
+        await bounded(running)
+    finally:
+        await app.close_async()
+    assert order == [("flaky", 1), ("fresh", 1), ("flaky", 2), ("fresh", 2), ("fresh", 3)]
