@@ -59,6 +59,39 @@ async def test_claim_is_fifo_by_run_at_then_id(store: Store, clock: FakeClock) -
     assert order == [first.id, second.id, third.id, late.id]
 
 
+async def test_due_retries_are_claimed_before_pending_jobs(store: Store, clock: FakeClock) -> None:
+    # Work already started finishes first: a due retry jumps the backlog of fresh jobs, so retry
+    # lateness does not grow with the queue's depth. Within each group: oldest run_at, then id.
+    retry_b = await reach(store, Status.RUNNING)
+    retry_a = await reach(store, Status.RUNNING)
+    assert await finish(store, retry_b, Outcome.RETRY, retry_in=2)
+    assert await finish(store, retry_a, Outcome.RETRY, retry_in=1)
+    fresh = [await enqueue_one(store) for _ in range(3)]  # run_at t0: due before the retries
+    future_retry = await reach(store, Status.RUNNING, queue="other")
+    assert await finish(store, future_retry, Outcome.RETRY, retry_in=60)
+    clock.advance(2)
+    order = [j.id for j in await claim(store, ("default", "other"), limit=10)]
+    assert order == [retry_a.id, retry_b.id, *(j.id for j in fresh)]
+
+
+async def test_retry_first_respects_the_limit(store: Store, clock: FakeClock) -> None:
+    running = await reach(store, Status.RUNNING)
+    assert await finish(store, running, Outcome.RETRY, retry_in=1)
+    fresh = [await enqueue_one(store) for _ in range(3)]
+    clock.advance(1)
+    assert [j.id for j in await claim(store, limit=2)] == [running.id, fresh[0].id]
+    assert [j.id for j in await claim(store, limit=2)] == [fresh[1].id, fresh[2].id]
+
+
+async def test_retries_not_yet_due_wait_behind_nothing(store: Store, clock: FakeClock) -> None:
+    running = await reach(store, Status.RUNNING)
+    assert await finish(store, running, Outcome.RETRY, retry_in=5)
+    fresh = await enqueue_one(store)
+    assert [j.id for j in await claim(store)] == [fresh.id]
+    clock.advance(5)
+    assert [j.id for j in await claim(store)] == [running.id]
+
+
 async def test_claim_writes_lease_attempt_and_version(store: Store, clock: FakeClock) -> None:
     job = await enqueue_one(store)
     clock.advance(7)
@@ -145,6 +178,18 @@ async def test_claim_by_batch_due_only(store: Store, clock: FakeClock) -> None:
     await enqueue_one(store, batch_id="b2")
     got = await claim(store, batch_id="b1")
     assert [j.id for j in got] == [due.id]
+
+
+async def test_claim_by_batch_takes_retries_first(store: Store, clock: FakeClock) -> None:
+    first = await enqueue_one(store, batch_id="b1")
+    retried = await claim_one(store)
+    assert retried.id == first.id
+    assert await finish(store, retried, Outcome.RETRY, retry_in=30)
+    later = await store.enqueue(
+        [NewJob(handler="h", payload={}, batch_id="b1", item_index=i) for i in range(2)]
+    )
+    got = await claim(store, batch_id="b1", due_only=False)
+    assert [j.id for j in got] == [first.id, *(r.job.id for r in later)]
 
 
 async def test_claim_never_takes_non_waiting_jobs(store: Store) -> None:

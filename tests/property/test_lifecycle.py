@@ -145,12 +145,13 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(limit=st.integers(min_value=1, max_value=4))
     def claim(self, limit: int) -> None:
         now = self.clock.now()
+        # Due retries first, then pending jobs; each oldest run_at first, ties by id.
         due = sorted(
-            (m.run_at, job_id)
+            (m.status is not Status.RETRYING, m.run_at, job_id)
             for job_id, m in self.model.items()
             if m.status in (Status.PENDING, Status.RETRYING) and m.run_at <= now
         )
-        expected = [job_id for _, job_id in due[:limit]]
+        expected = [job_id for *_, job_id in due[:limit]]
         self.begin(*expected)
         claimed = self.run(self.store.claim(ClaimRequest(("default",), "w", limit, LEASE)))
         assert [job.id for job in claimed] == expected

@@ -63,11 +63,13 @@ class ClaimRequest:
     """What a worker asks for when it claims.
 
     The store picks up to ``limit`` jobs in ``queues`` whose status is ``pending`` or
-    ``retrying`` and whose ``run_at`` is due on the store's clock, oldest ``run_at`` first (ties
-    by id), skipping rows other workers hold. For each it atomically: sets ``running``, a fresh
-    random ``lease_token``, ``worker_id``, ``lease_expires_at = now + lease_seconds``, increments
-    ``attempts``, sets ``first_attempt_at`` if unset, bumps ``version``, and inserts an attempt
-    row (``started_at = now``) numbered one past the job's last attempt row: history numbers
+    ``retrying`` and whose ``run_at`` is due on the store's clock, skipping rows other workers
+    hold. Due ``retrying`` jobs come first (work already started finishes before fresh work
+    starts, so a retry's lateness does not grow with the backlog), then ``pending`` ones; within
+    each group oldest ``run_at`` first, ties by id. For each it atomically: sets ``running``, a
+    fresh random ``lease_token``, ``worker_id``, ``lease_expires_at = now + lease_seconds``,
+    increments ``attempts``, sets ``first_attempt_at`` if unset, bumps ``version``, and inserts an
+    attempt row (``started_at = now``) numbered one past the job's last attempt row: history numbers
     never restart, even after a requeue that reset ``attempts``. A job has at most one open
     (unfinished) attempt row, the one its current lease runs; completions finish that row and
     release deletes it.

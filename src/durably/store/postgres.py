@@ -1,11 +1,13 @@
 """The shared store: PostgreSQL through psycopg 3, for many workers on many hosts.
 
 Each store lives in its own schema, reached through ``search_path`` set on every pooled
-connection, so the SQL files stay unqualified. Hot-path operations (enqueue, claim, heartbeat,
-complete, release) are single statements on autocommit connections: one round trip each, atomic,
-and no lock survives the statement. Claims use ``FOR UPDATE SKIP LOCKED`` so claimers pass each
-other by. Enqueues, retries and requeues ``pg_notify`` a channel named after the schema; ``wait``
-listens on it through a dedicated connection, so an idle worker wakes within milliseconds.
+connection, so the SQL files stay unqualified. Hot-path operations (claim, heartbeat, complete,
+release, small enqueues) are single statements on autocommit connections: one round trip each,
+atomic, and no lock survives the statement. Claims use ``FOR UPDATE SKIP LOCKED`` so claimers pass
+each other by. Completions that owe outbox events, and bulk enqueues of jobs without keys (COPY,
+the jobs built here rather than read back), take a short transaction instead. Enqueues, retries
+and requeues ``pg_notify`` a channel named after the schema; ``wait`` listens on it through a
+dedicated connection, so an idle worker wakes within milliseconds.
 
 Producers that already hold a psycopg connection can enqueue inside their own transaction with
 :meth:`PostgresStore.enqueue_with` (sync) or :meth:`PostgresStore.enqueue_with_async`: the job
@@ -16,17 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
+import math
+import operator
 import re
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any, cast
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from durably.errors import (
@@ -75,14 +83,39 @@ Row = dict[str, Any]
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _Q = load_queries("postgres")
 # Queries holding {schema} / {channel}: filled with validated identifiers per store.
-_TEMPLATES = ("create_schema", "drop_schema", "listen", "enqueue", "live_jobs_by_keys")
+_TEMPLATES = (
+    "create_schema",
+    "drop_schema",
+    "listen",
+    "enqueue",
+    "enqueue_copy",
+    "live_jobs_by_keys",
+)
 # A concurrent producer can take a key between our insert and our look-up; a few rounds settle it.
 _ENQUEUE_ROUNDS = 5
 _PRUNE_CHUNK = 1000
+_EVENT_STATUSES = frozenset(status.value for status in EVENT_STATUSES)
+_NEXT_STATUS = 3  # where a completion item holds the job's next status
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_DECODER = json.JSONDecoder()
+_STATUS = {status.value: status for status in Status}
+
+
+def _loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """psycopg's loads for json and jsonb columns on the pool's connections.
+
+    ``json.loads`` on bytes spends most of its time on encoding detection and checks; PostgreSQL
+    sends UTF-8 and jsonb prints no surrounding whitespace, so ``raw_decode`` does the work at a
+    fraction of the cost. Anything else (whitespace kept in a json column) takes ``json.loads``.
+    """
+    text = data if isinstance(data, str) else bytes(data).decode()
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 def _json(value: Any, what: str) -> str:
@@ -102,40 +135,44 @@ def _maybe_at(value: Any) -> datetime | None:
     return None if value is None else _at(value)
 
 
+_JOB_FIELDS = tuple(field.name for field in dataclasses.fields(Job))
+_JOB_ITEMS = operator.itemgetter(*_JOB_FIELDS)
+
+
+def _positions(*names: str) -> tuple[int, ...]:
+    return tuple(_JOB_FIELDS.index(name) for name in names)
+
+
+(_STATUS_AT,) = _positions("status")
+(_CANCEL_AT,) = _positions("cancel_requested")
+_TIMES_AT = _positions("run_at", "created_at", "updated_at")
+_MAYBE_TIMES_AT = _positions("lease_expires_at", "first_attempt_at", "finished_at")
+
+
+def _job_of(values: list[Any]) -> Job:
+    """The one place a jobs row becomes a :class:`Job`: ``values`` in Job's field order."""
+    values[_STATUS_AT] = _STATUS[values[_STATUS_AT]]
+    values[_CANCEL_AT] = bool(values[_CANCEL_AT])
+    for at in _TIMES_AT:
+        values[at] = _at(values[at])
+    for at in _MAYBE_TIMES_AT:
+        if values[at] is not None:
+            values[at] = _at(values[at])
+    return Job(*values)
+
+
 def _job(row: Mapping[str, Any]) -> Job:
-    """The one place a jobs row becomes a :class:`Job`."""
-    return Job(
-        id=row["id"],
-        queue=row["queue"],
-        handler=row["handler"],
-        payload=row["payload"],
-        status=Status(row["status"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        policy=row["policy"],
-        run_at=_at(row["run_at"]),
-        version=row["version"],
-        created_at=_at(row["created_at"]),
-        updated_at=_at(row["updated_at"]),
-        key=row["key"],
-        timeout=row["timeout"],
-        batch_id=row["batch_id"],
-        item_index=row["item_index"],
-        event_scope=row["event_scope"],
-        meta=row["meta"],
-        worker_id=row["worker_id"],
-        lease_token=row["lease_token"],
-        lease_expires_at=_maybe_at(row["lease_expires_at"]),
-        cancel_requested=bool(row["cancel_requested"]),
-        first_attempt_at=_maybe_at(row["first_attempt_at"]),
-        finished_at=_maybe_at(row["finished_at"]),
-        classification=row["classification"],
-        last_error=row["last_error"],
-        last_error_type=row["last_error_type"],
-        result=row["result"],
-        operator=row["operator"],
-        operator_notes=row["operator_notes"],
-    )
+    """A jobs row fetched as a dict."""
+    return _job_of(list(_JOB_ITEMS(row)))
+
+
+def _job_reader(description: Sequence[psycopg.Column] | None) -> Callable[[Sequence[Any]], Job]:
+    """Reads jobs rows fetched as tuples with these columns: for many rows, cheaper than dicts."""
+    if description is None:  # pragma: no cover - every caller's statement returns rows
+        raise StoreError("expected jobs rows from PostgreSQL")
+    names = [column.name for column in description]
+    items = operator.itemgetter(*(names.index(name) for name in _JOB_FIELDS))
+    return lambda row: _job_of(list(items(row)))
 
 
 def _attempt(row: Mapping[str, Any]) -> Attempt:
@@ -251,6 +288,305 @@ class _EnqueuePlan:
                 "concurrent producers; retry the enqueue"
             )
         return out
+
+
+# jsonb reads a number written with a positive exponent ("1e+23") back as an integer, which
+# need not equal the float: a batch holding one takes the RETURNING path instead. A number
+# follows a bracket, a comma, a colon or the start of a payload (texts are joined with NUL);
+# "\u00e9" is no number.
+_POSITIVE_EXPONENT = re.compile(r"(?:^|[\[,:\x00])\s*-?\d+(?:\.\d+)?[eE]\+?\d")
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+# Beyond this many seconds, now + delay may not fit a Python datetime; the SQL path decides.
+_MAX_DELAY = 1e10
+# Rows per COPY write: the server parses one chunk while we format the next.
+_COPY_CHUNK = 1000
+# Below this many jobs one INSERT statement (one round trip) beats COPY's several.
+_COPY_MIN = 32
+_INT4_RANGE = range(-(2**31), 2**31)
+
+# COPY's binary format: the server parses no text for numbers and timestamps, a third less work
+# per row than the text format. Every field is its length then its bytes; NULL is length -1.
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_TRAILER = struct.pack("!h", -1)
+_ROW_HEAD = struct.Struct("!hiq")  # the field count, then the id (a bigint: 8 bytes)
+_LENGTH = struct.Struct("!i")
+_INT4 = struct.Struct("!ii")
+_FLOAT8 = struct.Struct("!id")
+_TIMESTAMP = struct.Struct("!iq")  # microseconds since 2000-01-01 UTC
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_NULL = _LENGTH.pack(-1)
+_COLUMNS = 14  # as listed in enqueue_copy
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    data = value.encode()
+    return _LENGTH.pack(len(data)) + data
+
+
+def _jsonb(data: bytes) -> bytes:
+    return _LENGTH.pack(len(data) + 1) + b"\x01" + data  # jsonb's binary form: version 1, text
+
+
+def _int4(value: int | None) -> bytes:
+    return _NULL if value is None else _INT4.pack(4, value)
+
+
+def _timestamptz(value: datetime) -> bytes:
+    delta = value - _PG_EPOCH
+    return _TIMESTAMP.pack(
+        8, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    )
+
+
+def _plain(job: NewJob) -> bool:
+    """Whether every column of ``job`` has the type the COPY is written for."""
+    return (
+        type(job.queue) is str
+        and type(job.handler) is str
+        and (job.batch_id is None or type(job.batch_id) is str)
+        and (job.event_scope is None or type(job.event_scope) is str)
+        and (
+            job.max_attempts is None
+            or (type(job.max_attempts) is int and job.max_attempts in _INT4_RANGE)
+        )
+        and (
+            job.item_index is None
+            or (type(job.item_index) is int and job.item_index in _INT4_RANGE)
+        )
+        and (
+            job.timeout is None
+            or (type(job.timeout) in (int, float) and math.isfinite(job.timeout))
+        )
+    )
+
+
+def _copier(text: str) -> Callable[[], Any]:
+    """Makes unshared copies of a JSON object: a shallow copy when nothing in it is mutable."""
+    value = json.loads(text)
+    if type(value) is dict and all(type(v) in _SCALARS for v in value.values()):
+        return cast("Callable[[], Any]", value.copy)
+    return functools.partial(json.loads, text)
+
+
+class _Shape(NamedTuple):
+    """What jobs of one bulk enqueue usually share: encoded once, decoded once."""
+
+    queue: str
+    handler: str
+    max_attempts: int | None
+    policy: str  # JSON
+    timeout: float | None
+    event_scope: str | None
+    meta: str  # JSON
+    delay: float
+
+    @classmethod
+    def of(cls, job: NewJob, index: int, encoded: dict[int, str]) -> _Shape | None:
+        """``job``'s shape, or None when the COPY cannot carry it as the SQL path would."""
+        delay = max(0.0, float(job.delay))
+        if not delay <= _MAX_DELAY:
+            return None
+        texts = []
+        for mapping, what in ((job.policy, "policy"), (job.meta, "meta")):
+            text = encoded.get(id(mapping)) if mapping else "{}"
+            if text is None:
+                text = _json(dict(mapping), f"{what} of job #{index} ({job.handler!r})")
+                if _POSITIVE_EXPONENT.search(text):
+                    return None
+                encoded[id(mapping)] = text
+            texts.append(text)
+        timeout = None if job.timeout is None else float(job.timeout)
+        policy, meta = texts
+        return cls(
+            job.queue, job.handler, job.max_attempts, policy, timeout, job.event_scope, meta, delay
+        )
+
+    def fields(self, now: datetime) -> bytes:
+        """The columns from queue to updated_at, in COPY's binary format."""
+        return b"".join(
+            (
+                _text(self.queue),
+                _text(self.handler),
+                _int4(self.max_attempts),
+                _jsonb(self.policy.encode()),
+                _NULL if self.timeout is None else _FLOAT8.pack(8, self.timeout),
+                _text(self.event_scope),
+                _jsonb(self.meta.encode()),
+                _timestamptz(self.run_at(now)),
+                _timestamptz(now),
+                _timestamptz(now),
+            )
+        )
+
+    def run_at(self, now: datetime) -> datetime:
+        # rint(delay * 1e6) microseconds, as PostgreSQL's make_interval(secs => delay) counts.
+        return now + timedelta(microseconds=round(self.delay * 1e6))
+
+
+class _CopyBatch:
+    """Jobs without keys, ready for COPY: nothing to look up, so no row needs reading back.
+
+    Each distinct policy, meta and :class:`_Shape` is encoded once; payloads arrive encoded
+    (``NewJob.payload_json``) or are encoded here, and are decoded back in one call, so the
+    returned jobs hold exactly what ``get`` will read.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queues: list[str] = []
+        self.shapes: list[_Shape] = []
+        self.shape_of: list[int] = []
+        self.batch_ids: list[str | None] = []
+        self.item_indexes: list[int | None] = []
+        self.payloads: list[Any] = []
+        self.rows: list[bytes] = []  # per job, its payload, batch_id and item_index fields
+
+    @classmethod
+    def prepare(cls, jobs: Sequence[NewJob]) -> _CopyBatch | None:
+        """The batch, or None when a job needs the SQL path (a key, an odd value).
+
+        Raises :class:`PayloadError` for a payload, policy or meta that is not JSON.
+        """
+        batch = cls(len(jobs))
+        texts: list[str] = []
+        encoded: dict[int, str] = {}  # id(policy or meta mapping) -> its JSON
+        shapes: dict[_Shape, int] = {}
+        seen: dict[tuple[Any, ...], int] = {}  # the same, by identity and value: cheaper
+        shape_of, batch_ids, item_indexes = batch.shape_of, batch.batch_ids, batch.item_indexes
+        for index, job in enumerate(jobs):
+            if job.key is not None or not _plain(job):
+                return None
+            text = job.payload_json
+            texts.append(
+                _json(job.payload, f"job #{index} ({job.handler!r})") if text is None else text
+            )
+            policy, meta = job.policy, job.meta
+            # Mappings are compared by identity: the app hands every job of a bulk enqueue the
+            # same policy snapshot, and empty metas need no encoding at all.
+            seen_key = (
+                job.queue,
+                job.handler,
+                job.max_attempts,
+                id(policy) if policy else 0,
+                job.timeout,
+                job.event_scope,
+                id(meta) if meta else 0,
+                job.delay,
+            )
+            number = seen.get(seen_key)
+            if number is None:
+                shape = _Shape.of(job, index, encoded)
+                if shape is None:
+                    return None
+                number = shapes.get(shape)
+                if number is None:
+                    number = shapes[shape] = len(batch.shapes)
+                    batch.shapes.append(shape)
+                    if shape.queue not in batch.queues:
+                        batch.queues.append(shape.queue)
+                seen[seen_key] = number
+            shape_of.append(number)
+            batch_ids.append(job.batch_id)
+            item_indexes.append(job.item_index)
+        # Every payload checked, decoded and encoded in one pass each (C speed); they are joined
+        # on a character no JSON text holds raw.
+        joined = "\x00".join(texts)
+        if _POSITIVE_EXPONENT.search(joined) or joined.count("\x00") != len(texts) - 1:
+            return None
+        try:
+            batch.payloads = json.loads("[" + ",".join(texts) + "]")
+        except ValueError:
+            return None  # not JSON after all: let the server say so on the SQL path
+        if len(batch.payloads) != len(texts):
+            return None
+        batch_fields = {batch_id: _text(batch_id) for batch_id in set(batch_ids)}
+        batch.rows = [
+            _jsonb(payload) + batch_fields[batch_id] + _int4(item)
+            for payload, batch_id, item in zip(
+                joined.encode().split(b"\x00"), batch_ids, item_indexes, strict=True
+            )
+        ]
+        return batch
+
+    def chunks(self, ids: Sequence[int], now: datetime) -> Iterator[bytes]:
+        """The COPY data, ``_COPY_CHUNK`` rows at a time."""
+        fields = [shape.fields(now) for shape in self.shapes]
+        head = _ROW_HEAD.pack
+        yield _SIGNATURE
+        for start in range(0, self.size, _COPY_CHUNK):
+            stop = start + _COPY_CHUNK
+            yield b"".join(
+                [
+                    head(_COLUMNS, 8, job_id) + row + fields[number]
+                    for job_id, row, number in zip(
+                        ids[start:stop],
+                        self.rows[start:stop],
+                        self.shape_of[start:stop],
+                        strict=True,
+                    )
+                ]
+            )
+        yield _TRAILER
+
+    def results(self, ids: Sequence[int], now: datetime) -> list[EnqueueResult]:
+        """The stored jobs, equal to what ``get`` reads (each with its own policy and meta)."""
+        now = _at(now)
+        per_shape = [
+            (
+                shape.queue,
+                shape.handler,
+                shape.max_attempts,
+                _copier(shape.policy),
+                shape.run_at(now),
+                shape.timeout,
+                shape.event_scope,
+                _copier(shape.meta),
+            )
+            for shape in self.shapes
+        ]
+        pending = Status.PENDING
+        out: list[EnqueueResult] = []
+        append = out.append
+        for job_id, payload, number, batch_id, item in zip(
+            ids, self.payloads, self.shape_of, self.batch_ids, self.item_indexes, strict=True
+        ):
+            queue, handler, max_attempts, policy, run_at, timeout, scope, meta = per_shape[number]
+            job = Job(
+                id=job_id,
+                queue=queue,
+                handler=handler,
+                payload=payload,
+                status=pending,
+                attempts=0,
+                max_attempts=max_attempts,
+                policy=policy(),
+                run_at=run_at,
+                version=1,
+                created_at=now,
+                updated_at=now,
+                timeout=timeout,
+                batch_id=batch_id,
+                item_index=item,
+                event_scope=scope,
+                meta=meta(),
+            )
+            append(EnqueueResult(job, True))
+        return out
+
+
+def _bulk(
+    connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], jobs: Sequence[NewJob]
+) -> bool:
+    """Whether a caller's connection may take the COPY path: it takes several statements, atomic
+    only inside the caller's transaction (begun, or about to be as autocommit is off), and
+    writes UTF-8."""
+    in_transaction = (
+        not connection.autocommit
+        or connection.info.transaction_status is psycopg.pq.TransactionStatus.INTRANS
+    )
+    return in_transaction and connection.info.encoding == "utf-8" and len(jobs) >= _COPY_MIN
 
 
 class _Waiter:
@@ -425,6 +761,10 @@ class PostgresStore:
             "connect_timeout": max(1, round(self._connect_timeout)),
         }
 
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        set_json_loads(_loads, conn)
+
     async def _connect_listener(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs())
 
@@ -452,6 +792,13 @@ class PostgresStore:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
+    async def _fetch_jobs(self, what: str, query: Any, params: Mapping[str, Any]) -> list[Job]:
+        async with self._connection(what) as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
+            read = _job_reader(cur.description)
+        return [read(row) for row in rows]
+
     async def _fetch_one(self, what: str, query: Any, params: Mapping[str, Any]) -> Row | None:
         async with self._connection(what) as conn:
             cur = await conn.execute(query, params)
@@ -474,6 +821,7 @@ class PostgresStore:
             # timeout. Dead connections are purged in one pass on the first failure instead.
             timeout=self._connect_timeout,
             name=self.application_name,
+            configure=self._configure,
         )
         try:
             with _translated(self.url, "connect"):
@@ -579,13 +927,52 @@ class PostgresStore:
                     break
         return plan.done()
 
+    def _reserve_params(self, batch: _CopyBatch) -> dict[str, Any]:
+        return {
+            "now": self._now(),
+            "sequence": self._sequence,
+            "n": batch.size,
+            "channel": self.channel,
+            "queues": batch.queues,
+        }
+
+    @staticmethod
+    def _reserved(row: Row | None) -> tuple[datetime, Sequence[int]]:
+        if row is None:  # pragma: no cover - an aggregate always yields a row
+            raise StoreError("could not reserve job ids")
+        ids = row["ids"]
+        return _at(row["now"]), range(row["low"], row["high"] + 1) if ids is None else ids
+
+    async def _enqueue_copy(
+        self, conn: psycopg.AsyncConnection[Any], batch: _CopyBatch
+    ) -> list[EnqueueResult]:
+        """Reserve ids, COPY the rows, build the jobs while the server stores them. The caller
+        holds the transaction."""
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_Q["enqueue_reserve"], self._reserve_params(batch))
+            now, ids = self._reserved(await cur.fetchone())
+            # libpq sends each chunk on as it comes: the server parses while we format the next
+            # one and build the results.
+            async with cur.copy(self._sql["enqueue_copy"]) as copy:
+                for chunk in batch.chunks(ids, now):
+                    await copy.write(chunk)
+                results = batch.results(ids, now)
+        return results
+
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
-        """Insert all jobs in one statement (one round trip), in order; notify waiting workers."""
+        """Insert all jobs in order and notify waiting workers, in one transaction.
+
+        Large batches without keys are COPYed (ids reserved first, jobs built here); others take
+        one ``INSERT ... ON CONFLICT`` statement that settles keys.
+        """
         if not jobs:
             return []
-        plan = _EnqueuePlan(jobs)
+        batch = _CopyBatch.prepare(jobs) if len(jobs) >= _COPY_MIN else None
         async with self._connection("enqueue") as conn:
-            return await self._enqueue_async(conn, plan)
+            if batch is None or conn.info.encoding != "utf-8":
+                return await self._enqueue_async(conn, _EnqueuePlan(jobs))
+            async with conn.transaction():
+                return await self._enqueue_copy(conn, batch)
 
     async def enqueue_with_async(
         self, connection: psycopg.AsyncConnection[Any], jobs: Sequence[NewJob]
@@ -601,9 +988,11 @@ class PostgresStore:
             )
         if not jobs:
             return []
-        plan = _EnqueuePlan(jobs)
+        batch = _CopyBatch.prepare(jobs) if _bulk(connection, jobs) else None
         with _translated(self.url, "enqueue_with_async"):
-            return await self._enqueue_async(connection, plan)
+            if batch is None:
+                return await self._enqueue_async(connection, _EnqueuePlan(jobs))
+            return await self._enqueue_copy(connection, batch)
 
     def enqueue_with(
         self, connection: psycopg.Connection[Any], jobs: Sequence[NewJob]
@@ -624,11 +1013,19 @@ class PostgresStore:
             )
         if not jobs:
             return []
-        plan = _EnqueuePlan(jobs)
+        batch = _CopyBatch.prepare(jobs) if _bulk(connection, jobs) else None
         with (
             _translated(self.url, "enqueue_with"),
             connection.cursor(row_factory=dict_row) as cur,
         ):
+            if batch is not None:
+                cur.execute(_Q["enqueue_reserve"], self._reserve_params(batch))
+                now, ids = self._reserved(cur.fetchone())
+                with cur.copy(self._sql["enqueue_copy"]) as copy:
+                    for chunk in batch.chunks(ids, now):
+                        copy.write(chunk)
+                return batch.results(ids, now)
+            plan = _EnqueuePlan(jobs)
             for _ in range(_ENQUEUE_ROUNDS):
                 cur.execute(
                     self._sql["enqueue"],
@@ -685,7 +1082,8 @@ class PostgresStore:
     # -- workers ----------------------------------------------------------------------------
 
     async def claim(self, request: ClaimRequest) -> list[Job]:
-        """Claim due jobs under fresh leases, with their attempt rows, in one statement."""
+        """Claim due jobs under fresh leases, with their attempt rows, in one statement: due
+        retries first, then pending jobs, each oldest ``run_at`` first."""
         if request.limit <= 0 or not request.queues:
             return []
         params: dict[str, Any] = {
@@ -696,11 +1094,9 @@ class PostgresStore:
             "lease_seconds": float(request.lease_seconds),
         }
         if request.batch_id is None:
-            rows = await self._fetch("claim", _Q["claim"], params)
-        else:
-            params.update(batch_id=request.batch_id, due_only=request.due_only)
-            rows = await self._fetch("claim", _Q["claim_batch"], params)
-        return sorted((_job(r) for r in rows), key=lambda j: (j.run_at, j.id))
+            return await self._fetch_jobs("claim", _Q["claim"], params)
+        params.update(batch_id=request.batch_id, due_only=request.due_only)
+        return await self._fetch_jobs("claim", _Q["claim_batch"], params)
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
         """Extend every lease still held, in one statement."""
@@ -722,39 +1118,76 @@ class PostgresStore:
         )
 
     async def complete(self, completions: Sequence[Completion]) -> list[bool]:
-        """Apply attempt endings, each fenced by its lease token, in one statement."""
+        """Apply attempt endings, each fenced by its lease token.
+
+        One autocommitted statement applies every completion that owes no outbox event; the
+        others (a job with an event scope reaching an event status) are left to one transaction
+        that applies them and writes their events.
+        """
         if not completions:
             return []
-        items: list[dict[str, Any]] = []
+        # Positional, as the complete query reads them.
+        items: list[tuple[Any, ...]] = []
         for ord_, c in enumerate(completions):
             succeeded = c.outcome is Outcome.SUCCEEDED
             items.append(
-                {
-                    "ord": ord_,
-                    "id": c.job_id,
-                    "token": c.lease_token,
-                    "status": c.next_status.value,
-                    "result": c.result,
-                    "classification": None if succeeded else c.classification,
-                    "error_type": None if succeeded else c.error_type,
-                    "error_message": None if succeeded else c.error_message,
-                    "retry_in": max(0.0, float(c.retry_in)),
-                    "require_expired": c.require_expired,
-                    "attempt_outcome": c.row_outcome,
-                    "attempt_classification": c.row_classification,
-                    "attempt_error_type": c.error_type,
-                    "attempt_error_message": c.error_message,
-                    "duration": c.duration,
-                }
+                (
+                    ord_,
+                    c.job_id,
+                    c.lease_token,
+                    c.next_status.value,  # at _NEXT_STATUS
+                    c.result,
+                    None if succeeded else c.classification,
+                    None if succeeded else c.error_type,
+                    None if succeeded else c.error_message,
+                    max(0.0, float(c.retry_in)),
+                    c.require_expired,
+                    c.row_outcome,
+                    c.row_classification,
+                    c.error_type,
+                    c.error_message,
+                    c.duration,
+                )
             )
         now = self._now()
-        params = {"now": now, "items": _json(items, "completion result"), "channel": self.channel}
+        params: dict[str, Any] = {
+            "now": now,
+            "items": _json(items, "completion result"),
+            "channel": self.channel,
+            "defer_events": True,
+            "event_statuses": sorted(_EVENT_STATUSES),
+        }
         applied = [False] * len(completions)
-        async with self._connection("complete") as conn, conn.transaction():
+        async with self._connection("complete") as conn:
+            # Autocommitted: each completion's job and attempt rows change together, and the
+            # usual batch (no outbox events owed) takes one round trip, no BEGIN or COMMIT.
+            cur = await conn.execute(_Q["complete"], params)
+            for row in await cur.fetchall():
+                applied[row["ord"]] = True
+            # Left alone: those owing events, and those whose lease was lost (fenced again
+            # below, applying nothing). Completions to other statuses never owe events.
+            owing = [
+                item
+                for item, done in zip(items, applied, strict=True)
+                if not done and item[_NEXT_STATUS] in _EVENT_STATUSES
+            ]
+            if owing:
+                params.update(items=_json(owing, "completion result"), defer_events=False)
+                for ord_ in await self._complete_with_events(conn, params, now):
+                    applied[ord_] = True
+        return applied
+
+    async def _complete_with_events(
+        self, conn: psycopg.AsyncConnection[Row], params: Mapping[str, Any], now: datetime | None
+    ) -> list[int]:
+        """Apply completions and the outbox events they owe in one transaction; return the
+        positions applied. Pipelined: BEGIN travels with the statement, writes with reads."""
+        applied: list[int] = []
+        async with conn.pipeline(), conn.transaction():
             cur = await conn.execute(_Q["complete"], params)
             owed: list[int] = []
             for row in await cur.fetchall():
-                applied[row["ord"]] = True
+                applied.append(row["ord"])
                 if row["event_scope"] is not None and Status(row["status"]) in EVENT_STATUSES:
                     owed.append(row["id"])
             if owed:
@@ -824,8 +1257,9 @@ class PostgresStore:
         """Running jobs whose lease has expired on the store's clock, oldest expiry first."""
         if limit <= 0:
             return []
-        rows = await self._fetch("expired", _Q["expired"], {"now": self._now(), "limit": limit})
-        return [_job(r) for r in rows]
+        return await self._fetch_jobs(
+            "expired", _Q["expired"], {"now": self._now(), "limit": limit}
+        )
 
     async def next_due_in(self, queues: Sequence[str]) -> float | None:
         """Seconds until the earliest waiting job in ``queues`` is due; None if none waits."""
@@ -898,7 +1332,7 @@ class PostgresStore:
         """Jobs matching ``where``, newest first, below ``after_id`` if given."""
         if limit <= 0:
             return []
-        rows = await self._fetch(
+        return await self._fetch_jobs(
             "list_jobs",
             _Q["list_jobs"],
             {
@@ -914,7 +1348,6 @@ class PostgresStore:
                 "limit": limit,
             },
         )
-        return [_job(r) for r in rows]
 
     async def attempts(self, job_id: int) -> list[Attempt]:
         """The job's attempts, oldest first."""

@@ -48,3 +48,22 @@ ORDER BY ord
 -- name: live_jobs_by_keys
 SELECT * FROM {schema}.jobs
  WHERE key = ANY(%(keys)s::text[]) AND status IN ('pending', 'running', 'retrying')
+
+-- name: enqueue_reserve
+-- The bulk path for jobs without keys: ids and the clock for a COPY that follows in the same
+-- transaction, and one NOTIFY per queue (delivered at commit, dropped on rollback). The ids come
+-- back as a range when nobody else drew from the sequence meanwhile, else as a list.
+WITH ids AS MATERIALIZED (
+    SELECT nextval(%(sequence)s::regclass) AS id FROM generate_series(1, %(n)s)
+)
+SELECT coalesce(%(now)s::timestamptz, now()) AS now, min(id) AS low, max(id) AS high,
+       CASE WHEN max(id) - min(id) + 1 = count(*) THEN NULL
+            ELSE array_agg(id ORDER BY id) END AS ids,
+       (SELECT count(pg_notify(%(channel)s, q)) FROM unnest(%(queues)s::text[]) AS q) AS notified
+  FROM ids
+
+-- name: enqueue_copy
+-- The store writes these columns, in this order, in COPY's binary format.
+COPY {schema}.jobs (id, payload, batch_id, item_index, queue, handler, max_attempts, policy,
+                    timeout, event_scope, meta, run_at, created_at, updated_at)
+FROM STDIN WITH (FORMAT binary)

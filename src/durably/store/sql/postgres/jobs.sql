@@ -23,18 +23,19 @@ RETURNING *
 
 -- name: claim
 -- Pick, lease and open an attempt row in one statement; SKIP LOCKED lets claimers pass each
--- other by, and nothing stays locked once it returns.
+-- other by, and nothing stays locked once it returns. Due retries come first, then pending jobs.
+-- Per queue and status, an ordered walk of jobs_waiting that stops after `limit` rows, so a deep
+-- backlog is never sorted; the pending walk asks only for what the retries left room for, so
+-- a single-queue claim locks no row it does not take.
 WITH clock AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS t
 ),
--- Per queue, an ordered walk of the partial index that stops after `limit` rows, so a deep
--- backlog is never sorted; the rows locked but not picked are free again when it returns.
-picked AS (
-    SELECT c.id
+retries AS MATERIALIZED (
+    SELECT c.id, c.run_at
       FROM unnest(%(queues)s::text[]) AS q (name)
      CROSS JOIN LATERAL (
             SELECT j.id, j.run_at FROM jobs j
-             WHERE j.status IN ('pending', 'retrying') AND j.queue = q.name
+             WHERE j.queue = q.name AND j.status = 'retrying'
                AND j.run_at <= (SELECT t FROM clock)
              ORDER BY j.run_at, j.id
              LIMIT %(limit)s
@@ -42,6 +43,28 @@ picked AS (
            ) AS c
      ORDER BY c.run_at, c.id
      LIMIT %(limit)s
+),
+room AS (
+    SELECT %(limit)s - count(*) AS n FROM retries
+),
+fresh AS MATERIALIZED (
+    SELECT c.id, c.run_at
+      FROM unnest(%(queues)s::text[]) AS q (name)
+     CROSS JOIN LATERAL (
+            SELECT j.id, j.run_at FROM jobs j
+             WHERE j.queue = q.name AND j.status = 'pending'
+               AND j.run_at <= (SELECT t FROM clock)
+             ORDER BY j.run_at, j.id
+             LIMIT (SELECT n FROM room)
+               FOR UPDATE SKIP LOCKED
+           ) AS c
+     ORDER BY c.run_at, c.id
+     LIMIT (SELECT n FROM room)
+),
+picked AS (
+    SELECT id, 0 AS rank FROM retries
+    UNION ALL
+    SELECT id, 1 AS rank FROM fresh
 ),
 claimed AS (
     UPDATE jobs
@@ -51,26 +74,29 @@ claimed AS (
            first_attempt_at = coalesce(jobs.first_attempt_at, clock.t), cancel_requested = false,
            last_attempt = jobs.last_attempt + 1,
            version = jobs.version + 1, updated_at = clock.t
-      FROM picked, clock
-     WHERE jobs.id = picked.id
+      FROM clock
+     -- An id list, not a join: a join estimated from the LIMITs above could be planned as a
+     -- hash join over a sequential scan of the whole table.
+     WHERE jobs.id = ANY (ARRAY(SELECT id FROM picked))
     RETURNING jobs.*
 ),
 opened AS (
     INSERT INTO attempts (job_id, number, worker_id, started_at)
     SELECT c.id, c.last_attempt, c.worker_id, c.updated_at FROM claimed c
 )
-SELECT * FROM claimed ORDER BY run_at, id
+SELECT c.*, p.rank FROM claimed c JOIN picked p ON p.id = c.id ORDER BY p.rank, c.run_at, c.id
 
 -- name: claim_batch
+-- A batch is small enough to sort; retries first here too.
 WITH clock AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS t
 ),
 picked AS (
-    SELECT id FROM jobs
+    SELECT id, CASE WHEN status = 'retrying' THEN 0 ELSE 1 END AS rank FROM jobs
      WHERE status IN ('pending', 'retrying') AND batch_id = %(batch_id)s
        AND queue = ANY(%(queues)s::text[])
        AND (NOT %(due_only)s::boolean OR run_at <= (SELECT t FROM clock))
-     ORDER BY run_at, id
+     ORDER BY rank, run_at, id
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ),
@@ -82,15 +108,17 @@ claimed AS (
            first_attempt_at = coalesce(jobs.first_attempt_at, clock.t), cancel_requested = false,
            last_attempt = jobs.last_attempt + 1,
            version = jobs.version + 1, updated_at = clock.t
-      FROM picked, clock
-     WHERE jobs.id = picked.id
+      FROM clock
+     -- An id list, not a join: a join estimated from the LIMITs above could be planned as a
+     -- hash join over a sequential scan of the whole table.
+     WHERE jobs.id = ANY (ARRAY(SELECT id FROM picked))
     RETURNING jobs.*
 ),
 opened AS (
     INSERT INTO attempts (job_id, number, worker_id, started_at)
     SELECT c.id, c.last_attempt, c.worker_id, c.updated_at FROM claimed c
 )
-SELECT * FROM claimed ORDER BY run_at, id
+SELECT c.*, p.rank FROM claimed c JOIN picked p ON p.id = c.id ORDER BY p.rank, c.run_at, c.id
 
 -- name: heartbeat
 WITH clock AS (
@@ -105,22 +133,25 @@ RETURNING jobs.id, jobs.cancel_requested
 
 -- name: complete
 -- Many completions in one statement, each fenced by its lease token. The job row is updated and
--- its open attempt row finished together; rows that do not match are left untouched.
+-- its open attempt row finished together; rows that do not match are left untouched. With
+-- defer_events, completions that may owe outbox events (a job with an event scope reaching an
+-- event status) are left alone too: the caller retries those it did not see applied in a
+-- transaction that also writes their events, so every other completion is this one
+-- autocommitted statement.
 WITH clock AS (
     SELECT coalesce(%(now)s::timestamptz, now()) AS t
 ),
+-- One JSON array per completion, its fields by position (see PostgresStore.complete): a third
+-- of the bytes of an object per completion, to encode and to parse.
 input AS MATERIALIZED (
-    SELECT (c ->> 'ord')::integer AS ord, (c ->> 'id')::bigint AS id, c ->> 'token' AS token,
-           c ->> 'status' AS status, nullif(c -> 'result', 'null'::jsonb) AS result,
-           c ->> 'classification' AS classification, c ->> 'error_type' AS error_type,
-           c ->> 'error_message' AS error_message,
-           (c ->> 'retry_in')::double precision AS retry_in,
-           (c ->> 'require_expired')::boolean AS require_expired,
-           c ->> 'attempt_outcome' AS attempt_outcome,
-           c ->> 'attempt_classification' AS attempt_classification,
-           c ->> 'attempt_error_type' AS attempt_error_type,
-           c ->> 'attempt_error_message' AS attempt_error_message,
-           (c ->> 'duration')::double precision AS duration
+    SELECT (c ->> 0)::integer AS ord, (c ->> 1)::bigint AS id, c ->> 2 AS token,
+           c ->> 3 AS status, nullif(c -> 4, 'null'::jsonb) AS result,
+           c ->> 5 AS classification, c ->> 6 AS error_type, c ->> 7 AS error_message,
+           (c ->> 8)::double precision AS retry_in, (c ->> 9)::boolean AS require_expired,
+           c ->> 10 AS attempt_outcome, c ->> 11 AS attempt_classification,
+           c ->> 12 AS attempt_error_type, c ->> 13 AS attempt_error_message,
+           (c ->> 14)::double precision AS duration,
+           %(defer_events)s::boolean AND c ->> 3 = ANY(%(event_statuses)s::text[]) AS may_owe
       FROM jsonb_array_elements(%(items)s::jsonb) AS c
 ),
 done AS (
@@ -136,7 +167,8 @@ done AS (
       FROM input i, clock
      WHERE jobs.id = i.id AND jobs.status = 'running' AND jobs.lease_token = i.token
        AND (NOT i.require_expired OR jobs.lease_expires_at < clock.t)
-    RETURNING jobs.*, i.ord
+       AND NOT (i.may_owe AND jobs.event_scope IS NOT NULL)
+    RETURNING jobs.id, jobs.queue, jobs.status, jobs.event_scope, i.ord
 ),
 finished AS (
     UPDATE attempts
@@ -191,14 +223,16 @@ SELECT * FROM jobs
  LIMIT %(limit)s
 
 -- name: next_due
--- One index probe per queue on jobs_waiting: min() over "queue = ANY(...)" scanned the table,
--- 74 ms with 200,000 future jobs, on every idle pass of every worker.
+-- One index probe per queue and waiting status on jobs_waiting: min() over "queue = ANY(...)"
+-- scanned the table, 74 ms with 200,000 future jobs, on every idle pass of every worker.
 SELECT extract(epoch FROM min(n.run_at) - coalesce(%(now)s::timestamptz, now()))::double precision
        AS seconds
   FROM unnest(%(queues)s::text[]) AS q (name)
+ CROSS JOIN unnest(ARRAY['retrying', 'pending']) AS s (status)
  CROSS JOIN LATERAL (
        SELECT j.run_at FROM jobs j
-        WHERE j.status IN ('pending', 'retrying') AND j.queue = q.name
+        WHERE j.queue = q.name AND j.status = s.status
+          AND j.status IN ('pending', 'retrying')  -- lets the planner use the partial index
         ORDER BY j.run_at LIMIT 1) AS n
 
 -- name: get_job
