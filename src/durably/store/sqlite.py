@@ -4,19 +4,29 @@ Every call runs on one dedicated thread that owns the connection, so the event l
 on the database. Writes that must see a consistent state (claims, completions, operator actions)
 run in ``BEGIN IMMEDIATE`` transactions, which take SQLite's write lock up front: two processes
 can never claim the same job, and no transaction has to be retried half way.
+
+Workers of other processes learn of new work through a wake-up channel (see :class:`_Listener`),
+with ``PRAGMA data_version`` polling as the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import json
+import json.encoder
+import operator
+import os
+import re
+import secrets
+import socket
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -66,56 +76,259 @@ T = TypeVar("T")
 
 _Q = load_queries("sqlite")
 
+_WAKE_POLL = 0.05
+"""Seconds between ``PRAGMA data_version`` checks while the wake-up channel is open. Only writers
+that cannot reach the channel (another user, an older durably, the sqlite3 shell) wait this long;
+without a channel ``wake_interval`` applies."""
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Encoder:
+    """``_dumps`` without the encoder ``json.dumps`` builds on every call: a few microseconds a
+    value, which is most of a bulk enqueue's Python time. One per store, used on its thread only
+    (the circular-reference check keeps its state here)."""
+
+    def __init__(self) -> None:
+        self._markers: dict[int, Any] = {}
+        plain = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+        self._plain = plain.encode
+        make: Callable[..., Callable[[Any, int], list[str]]] | None = getattr(
+            json.encoder, "c_make_encoder", None
+        )
+        self._c = (
+            None
+            if make is None
+            else make(
+                self._markers,
+                plain.default,
+                json.encoder.encode_basestring,
+                None,
+                ":",
+                ",",
+                False,
+                False,
+                True,
+            )
+        )
+
+    def __call__(self, value: Any) -> str:
+        if self._c is None:
+            return self._plain(value)
+        try:
+            return "".join(self._c(value, 0))
+        except BaseException:
+            self._markers.clear()  # a failed encoding leaves its containers marked
+            raise
+
+
+_ScanOnce = Callable[[str, int], tuple[Any, int]]
+# The C scanner behind json.loads (not in the type stubs): (value, end) of the JSON at an index.
+_scan: _ScanOnce = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, skipping its Python wrappers for the compact text this store writes."""
+    try:
+        value, end = _scan(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, ValueError, TypeError):
+        pass
+    return json.loads(text)  # anything else: decoded (or refused) exactly as json.loads does
+
+
+def _decode(text: str | None) -> Any:
+    """``decode_json`` (a bad payload becomes a ``BadPayload``), fast for well-formed text."""
+    if text is None:
+        return None
+    try:
+        value, end = _scan(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, ValueError, TypeError):
+        pass
+    return decode_json(text)
+
+
+class _Mappings:
+    """The policies and metas of jobs written or read together, each distinct one encoded and
+    decoded once: the jobs of one operation share one policy."""
+
+    _FLAT = (str, int, float, bool, type(None))
+
+    def __init__(self, encode: _Encoder | None = None) -> None:
+        self._encode = encode
+        self._texts: dict[int, str] = {}  # by id: the jobs keep their mappings alive meanwhile
+        self._decoded: dict[str, tuple[dict[str, Any], bool]] = {}
+
+    def encode(self, value: Mapping[str, Any]) -> str:
+        if not value:
+            return "{}"
+        text = self._texts.get(id(value))
+        if text is None:
+            encode = self._encode or _dumps
+            text = self._texts[id(value)] = encode(dict(value))
+        return text
+
+    def decode(self, text: str) -> Any:
+        """A fresh object, as ``_loads(text)`` would return."""
+        if text == "{}":
+            return {}
+        found = self._decoded.get(text)
+        if found is None:
+            value = _loads(text)
+            flat = type(value) is dict and all(type(v) in self._FLAT for v in value.values())
+            found = self._decoded[text] = (value, flat)
+        value, flat = found
+        return dict(value) if flat else _loads(text)  # a copy shares only immutable values
 
 
 def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        queue=row["queue"],
-        handler=row["handler"],
-        payload=decode_json(row["payload"]),
-        status=Status(row["status"]),
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        policy=json.loads(row["policy"]),
-        run_at=datetime.fromtimestamp(row["run_at"], UTC),
-        version=row["version"],
-        created_at=datetime.fromtimestamp(row["created_at"], UTC),
-        updated_at=datetime.fromtimestamp(row["updated_at"], UTC),
-        key=row["key"],
-        timeout=row["timeout"],
-        batch_id=row["batch_id"],
-        item_index=row["item_index"],
-        event_scope=row["event_scope"],
-        meta=json.loads(row["meta"]),
-        worker_id=row["worker_id"],
-        lease_token=row["lease_token"],
-        lease_expires_at=_ts(row["lease_expires_at"]),
-        cancel_requested=bool(row["cancel_requested"]),
-        first_attempt_at=_ts(row["first_attempt_at"]),
-        finished_at=_ts(row["finished_at"]),
-        classification=row["classification"],
-        last_error=row["last_error"],
-        last_error_type=row["last_error_type"],
-        result=decode_json(row["result"]),
-        operator=row["operator"],
-        operator_notes=row["operator_notes"],
+def _time(times: dict[float, datetime], value: float) -> datetime:
+    """``value`` as a datetime, remembered: rows read together share most of their timestamps."""
+    found = times.get(value)
+    if found is None:
+        found = times[value] = datetime.fromtimestamp(value, UTC)
+    return found
+
+
+_STATUSES = {s.value: s for s in Status}
+_RUN_AT_ID = operator.itemgetter(8, 0)
+"""Sort key of a jobs row: (run_at, id)."""
+
+
+def _jobs(rows: Iterable[Sequence[Any]]) -> list[Job]:
+    """Jobs from ``SELECT *`` rows of ``jobs``, read by position (the column order of
+    001_initial.sql is the field order of ``Job``)."""
+    times: dict[float, datetime] = {}
+    mappings = _Mappings()
+    out: list[Job] = []
+    for (
+        id_,
+        queue,
+        handler,
+        payload,
+        status,
+        attempts,
+        max_attempts,
+        policy,
+        run_at,
+        version,
+        created_at,
+        updated_at,
+        key,
+        timeout,
+        batch_id,
+        item_index,
+        event_scope,
+        meta,
+        worker_id,
+        lease_token,
+        lease_expires_at,
+        cancel_requested,
+        first_attempt_at,
+        finished_at,
+        classification,
+        last_error,
+        last_error_type,
+        result,
+        operator_,
+        operator_notes,
+    ) in rows:
+        out.append(
+            Job(
+                id_,
+                queue,
+                handler,
+                _decode(payload),
+                _STATUSES.get(status) or Status(status),
+                attempts,
+                max_attempts,
+                mappings.decode(policy),
+                _time(times, run_at),
+                version,
+                _time(times, created_at),
+                _time(times, updated_at),
+                key,
+                timeout,
+                batch_id,
+                item_index,
+                event_scope,
+                mappings.decode(meta),
+                worker_id,
+                lease_token,
+                None if lease_expires_at is None else _time(times, lease_expires_at),
+                bool(cancel_requested),
+                None if first_attempt_at is None else _time(times, first_attempt_at),
+                None if finished_at is None else _time(times, finished_at),
+                classification,
+                last_error,
+                last_error_type,
+                _decode(result),
+                operator_,
+                operator_notes,
+            )
+        )
+    return out
+
+
+@functools.cache
+def _insert_rows(count: int) -> str:
+    """The keyless insert of ``count`` jobs."""
+    return _Q["insert_jobs_keyless"].format(rows=",".join([_Q["insert_jobs_row"]] * count))
+
+
+_INSERT_CHUNK = 256
+"""Jobs per keyless insert statement (fewer where SQLite allows fewer parameters)."""
+_INSERT_PARAMS = _Q["insert_jobs_row"].count("?")
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return _jobs((row,))[0]
+
+
+def _named(conn: sqlite3.Connection) -> sqlite3.Cursor:
+    """A cursor whose rows are read by column name (the connection's rows are plain tuples)."""
+    cursor = conn.cursor()
+    cursor.row_factory = sqlite3.Row
+    return cursor
+
+
+def _exact(job: NewJob) -> bool:
+    """True when every column of ``job`` reads back as the value given (no type affinity
+    conversion), so the stored job can be built without reading it back."""
+    return (
+        type(job.queue) is str
+        and type(job.handler) is str
+        and (job.max_attempts is None or type(job.max_attempts) is int)
+        and (job.timeout is None or type(job.timeout) in (float, int))
+        and (job.batch_id is None or type(job.batch_id) is str)
+        and (job.item_index is None or type(job.item_index) is int)
+        and (job.event_scope is None or type(job.event_scope) is str)
     )
 
 
-class _Wakeups:
-    """Wakes waiting workers of this process when a job for their database becomes runnable.
+def _distinct_runs(completions: Sequence[Completion]) -> Iterator[Sequence[Completion]]:
+    """Consecutive slices holding each job at most once: one slice is applied as a whole, and
+    slices in order, which is what applying every completion in order would do."""
+    start = 0
+    seen: set[int] = set()
+    for i, c in enumerate(completions):
+        if c.job_id in seen:
+            yield completions[start:i]
+            start, seen = i, set()
+        seen.add(c.job_id)
+    yield completions[start:]
 
-    Other processes are seen through ``PRAGMA data_version``, which changes whenever another
-    connection commits; ``wait`` checks it at a short interval.
-    """
+
+class _Wakeups:
+    """Wakes waiting workers of this process when a job for their database becomes runnable."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -150,9 +363,180 @@ class _Waiter:
 
 _WAKEUPS = _Wakeups()
 
+# -- the cross-process wake-up channel ------------------------------------------------------
 
-def _emit(conn: sqlite3.Connection, before: Status, after: Job, now: float) -> None:
-    """Write the outbox events a change owes, inside the caller's transaction."""
+_SOCKET_NAME = re.compile(r"^(\d+)\.[0-9a-f]{8}$")
+_SUN_PATH_MAX = 100
+"""Longest socket path we bind or send to, in bytes (the OS limit is 104 to 108)."""
+
+
+def _channel_dir(db_path: str) -> str:
+    return f"{db_path}-wake"
+
+
+class _Listener:
+    """One process's end of the wake-up channel of one database file.
+
+    The channel is a directory next to the database (``<db>-wake``) holding one UNIX datagram
+    socket per process that waits on it, named ``<pid>.<random>``. After each commit that makes
+    work runnable, the committing process sends one byte to every socket but its own
+    (:func:`_wake_processes`); here a thread receives it and wakes this process's waiters. The
+    socket takes the database file's read/write permissions, so whoever may write the database
+    may wake its workers. A process that dies leaves its socket behind: the next sender finds it
+    refusing datagrams and removes it.
+    """
+
+    def __init__(self, key: str, db_path: str) -> None:
+        self.key = key
+        self.pid = os.getpid()
+        self.users = 0
+        self._closing = False
+        directory = _channel_dir(db_path)
+        self.path = os.path.join(directory, f"{self.pid}.{secrets.token_hex(4)}")
+        if len(os.fsencode(self.path)) > _SUN_PATH_MAX:
+            raise OSError(f"socket path too long: {self.path!r}")
+        mode = os.stat(db_path).st_mode & 0o666
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            for _ in range(3):  # another process may remove the empty folder in between
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory)
+                    # Enter and create where the database may be read and written.
+                    os.chmod(directory, mode | (mode & 0o444) >> 2)
+                try:
+                    sock.bind(self.path)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                raise OSError(f"cannot create {directory!r}")
+            os.chmod(self.path, mode)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="durably-sqlite-wake", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock = self._sock
+        dontwait = getattr(socket, "MSG_DONTWAIT", 0)
+        try:
+            while True:
+                sock.recv(16)
+                with contextlib.suppress(OSError):  # a burst needs one wake-up only
+                    while dontwait:
+                        sock.recv(16, dontwait)
+                if self._closing:
+                    return
+                _WAKEUPS.notify(self.key)
+        except OSError:
+            return
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        """Stop receiving and remove the socket (blocks for the thread: run off the loop)."""
+        self._closing = True
+        if self._thread.is_alive():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as poke:
+                poke.setblocking(False)
+                # A full queue (BlockingIOError) wakes the thread just as well.
+                with contextlib.suppress(OSError):
+                    poke.sendto(b"\0", self.path)
+            self._thread.join(timeout=5.0)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):  # only if no other process listens
+            os.rmdir(os.path.dirname(self.path))
+
+
+_LISTENERS: dict[str, _Listener] = {}
+_LISTENERS_LOCK = threading.Lock()
+
+
+def _listen(key: str, db_path: str) -> _Listener | None:
+    """This process's listener for ``db_path`` (one more user), or None where none can open."""
+    if not hasattr(socket, "AF_UNIX"):
+        return None
+    with _LISTENERS_LOCK:
+        listener = _LISTENERS.get(key)
+        if listener is None or listener.pid != os.getpid():  # a forked child needs its own
+            try:
+                listener = _Listener(key, db_path)
+            except OSError:
+                return None
+            _close_listeners_at_exit()
+            _LISTENERS[key] = listener
+        listener.users += 1
+        return listener
+
+
+def _unlisten(listener: _Listener) -> None:
+    with _LISTENERS_LOCK:
+        listener.users -= 1
+        if listener.users > 0:
+            return
+        if _LISTENERS.get(listener.key) is listener:
+            del _LISTENERS[listener.key]
+    listener.close()
+
+
+@functools.cache
+def _close_listeners_at_exit() -> None:
+    atexit.register(_close_listeners)
+
+
+def _close_listeners() -> None:
+    with _LISTENERS_LOCK:
+        listeners = [x for x in _LISTENERS.values() if x.pid == os.getpid()]
+        _LISTENERS.clear()
+    for listener in listeners:
+        listener.close()
+
+
+def _wake_processes(directory: str) -> None:
+    """Send one byte to the socket of every other process waiting on the database."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return  # no folder: no process has ever waited
+    own = str(os.getpid())
+    sock: socket.socket | None = None
+    try:
+        for name in names:
+            match = _SOCKET_NAME.match(name)
+            if match is None or match[1] == own:
+                continue  # not a socket of ours, or this process (woken directly)
+            path = os.path.join(directory, name)
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+            try:
+                sock.sendto(b"\0", path)
+            except ConnectionRefusedError:  # nobody receives: its process has gone
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            except OSError:
+                pass  # a full queue (it wakes anyway), a vanished socket, or no permission
+    except OSError:
+        pass  # no datagram sockets here: waiters poll
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def _emit(
+    conn: sqlite3.Connection, before: Status, after: Job, now: float, *, last: bool = True
+) -> None:
+    """Write the outbox events a change owes, inside the caller's transaction.
+
+    ``last`` is False when a later change in the same call moves another live job of the same
+    batch: the batch cannot have completed at this change, so it is not checked.
+    """
     if after.status not in EVENT_STATUSES or after.event_scope is None:
         return  # events are opt-in per job: no scope, no outbox rows
     conn.execute(
@@ -160,7 +544,8 @@ def _emit(conn: sqlite3.Connection, before: Status, after: Job, now: float) -> N
         (after.id, event_type(after.event_scope), _dumps(processed_payload(after)), now, now),
     )
     if (
-        after.batch_id is not None
+        last
+        and after.batch_id is not None
         and before in LIVE
         and conn.execute(_Q["batch_live_count"], (after.batch_id,)).fetchone()[0] == 0
     ):
@@ -194,7 +579,8 @@ class SQLiteStore:
 
     ``clock`` replaces the system clock for every timestamp and comparison (tests).
     ``synchronous`` is SQLite's ``PRAGMA synchronous``: ``FULL`` (default) survives power loss,
-    ``NORMAL`` survives process crashes and is faster.
+    ``NORMAL`` survives process crashes and is faster. ``wake_interval`` is how often a waiting
+    worker polls for other processes' commits when the wake-up channel cannot be used.
     """
 
     def __init__(
@@ -221,6 +607,14 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._wake_key = path if path == ":memory:" else str(Path(path).resolve())
+        self._channel = None if path == ":memory:" else _channel_dir(self._wake_key)
+        self._listener: _Listener | None = None
+        self._can_listen = self._channel is not None
+        self._encode = _Encoder()
+        self._chunk = 1  # jobs per keyless insert, set on connecting
+        # PRAGMA data_version when this store last read the jobs (claim, next_due_in): a commit
+        # by another process after that read wakes the next wait at once.
+        self._seen_version: int | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteStore:
@@ -260,11 +654,12 @@ class SQLiteStore:
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,  # only the store's own thread touches it
         )
-        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        allowed = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _INSERT_PARAMS
+        self._chunk = 1 << (min(_INSERT_CHUNK, max(1, allowed)).bit_length() - 1)
         return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -291,6 +686,12 @@ class SQLiteStore:
             raise
         conn.execute("COMMIT")
 
+    def _announce(self) -> None:
+        """Wake every waiter on this database: runnable work may have been committed."""
+        _WAKEUPS.notify(self._wake_key)
+        if self._channel is not None:
+            _wake_processes(self._channel)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -311,12 +712,15 @@ class SQLiteStore:
             await self.migrate(dry_run=True)  # raises SchemaTooNew
 
     async def close(self) -> None:
-        """Close the connection and its thread. Idempotent."""
-        conn, executor = self._conn, self._executor
-        self._conn = self._executor = None
-        if conn is not None and executor is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        """Close the connection, the wake-up socket and the thread. Idempotent."""
+        conn, executor, listener = self._conn, self._executor, self._listener
+        self._conn = self._executor = self._listener = None
         if executor is not None:
+            loop = asyncio.get_running_loop()
+            if listener is not None:
+                await loop.run_in_executor(executor, _unlisten, listener)
+            if conn is not None:
+                await loop.run_in_executor(executor, conn.close)
             executor.shutdown(wait=True)
 
     async def migrate(self, *, dry_run: bool = False) -> list[str]:
@@ -365,14 +769,14 @@ class SQLiteStore:
 
     # -- producers --------------------------------------------------------------------------
 
-    @staticmethod
-    def _insert_params(job: NewJob, now: float) -> dict[str, Any]:
+    def _insert_params(self, job: NewJob, now: float) -> dict[str, Any]:
+        encode = self._encode
         return {
             "queue": job.queue,
             "handler": job.handler,
-            "payload": _dumps(job.payload),
+            "payload": job.payload_json or encode(job.payload),
             "max_attempts": job.max_attempts,
-            "policy": _dumps(dict(job.policy)),
+            "policy": encode(dict(job.policy)) if job.policy else "{}",
             "run_at": now + max(0.0, job.delay),
             "now": now,
             "key": job.key,
@@ -380,24 +784,99 @@ class SQLiteStore:
             "batch_id": job.batch_id,
             "item_index": job.item_index,
             "event_scope": job.event_scope,
-            "meta": _dumps(dict(job.meta)),
+            "meta": encode(dict(job.meta)) if job.meta else "{}",
         }
 
     def _insert_keyless(
         self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float
     ) -> list[EnqueueResult]:
-        """Insert jobs that hold no key with one ``executemany``, then read them back.
+        """Insert jobs that hold no key, many rows per statement.
 
         Without keys nothing can conflict, so every row is inserted. ``jobs.id`` is
         AUTOINCREMENT and this transaction holds the write lock, so the new ids are the
-        contiguous range ending at ``last_insert_rowid()``, in input order.
+        contiguous range ending at ``last_insert_rowid()``, in input order. The jobs returned are
+        built from what was written (the JSON decoded back from the very text stored), unless a
+        value is of a type SQLite would convert: then they are read back.
         """
-        conn.executemany(_Q["insert_job_plain"], [self._insert_params(j, now) for j in jobs])
+        encode = self._encode
+        mappings = _Mappings(encode)
+        params: list[Any] = []  # flat, as the statements take them: no tuple kept per job
+        for job in jobs:
+            params += (
+                job.queue,
+                job.handler,
+                job.payload_json or encode(job.payload),  # the app's encoding when it has one
+                job.max_attempts,
+                mappings.encode(job.policy),
+                now + max(0.0, job.delay),
+                now,
+                now,
+                # REAL affinity: an int timeout is stored, and read back, as a float
+                float(job.timeout) if type(job.timeout) is int else job.timeout,
+                job.batch_id,
+                job.item_index,
+                job.event_scope,
+                mappings.encode(job.meta),
+            )
+        inserted = 0
+        start = 0
+        size = self._chunk
+        while start < len(jobs):
+            while size > len(jobs) - start:
+                size //= 2  # the tail in power-of-two chunks: few distinct statements to cache
+            chunk = params[start * _INSERT_PARAMS : (start + size) * _INSERT_PARAMS]
+            inserted += conn.execute(_insert_rows(size), chunk).rowcount
+            start += size
         last = conn.execute(_Q["last_insert_rowid"]).fetchone()[0]
-        rows = conn.execute(_Q["jobs_in_id_range"], (last - len(jobs), last)).fetchall()
-        if len(rows) != len(jobs):  # pragma: no cover - guarded by the write lock
-            raise StoreError(f"enqueue inserted {len(rows)} jobs, expected {len(jobs)}")
-        return [EnqueueResult(_job(row), created=True) for row in rows]
+        if inserted != len(jobs):  # pragma: no cover - nothing can conflict
+            raise StoreError(f"enqueue inserted {inserted} jobs, expected {len(jobs)}")
+        first = last - len(jobs) + 1
+        if not all(_exact(job) for job in jobs):
+            found = _jobs(conn.execute(_Q["jobs_in_id_range"], (first - 1, last)).fetchall())
+            return [EnqueueResult(job, created=True) for job in found]
+        created = datetime.fromtimestamp(now, UTC)
+        times = {now: created}
+        pending = Status.PENDING
+        return [
+            EnqueueResult(
+                Job(
+                    first + i,
+                    queue,
+                    handler,
+                    _loads(payload),
+                    pending,
+                    0,
+                    max_attempts,
+                    mappings.decode(policy),
+                    _time(times, run_at),
+                    1,
+                    created,
+                    created,
+                    None,
+                    timeout,
+                    batch_id,
+                    item_index,
+                    event_scope,
+                    mappings.decode(meta),
+                ),
+                True,
+            )
+            for i, (
+                queue,
+                handler,
+                payload,
+                max_attempts,
+                policy,
+                run_at,
+                _,
+                _,
+                timeout,
+                batch_id,
+                item_index,
+                event_scope,
+                meta,
+            ) in enumerate(zip(*[iter(params)] * _INSERT_PARAMS, strict=True))
+        ]
 
     def _insert(self, conn: sqlite3.Connection, job: NewJob, now: float) -> EnqueueResult:
         row = conn.execute(_Q["insert_job"], self._insert_params(job, now)).fetchone()
@@ -417,12 +896,13 @@ class SQLiteStore:
             now = self._now()
             with self._write(conn):
                 if len(jobs) > 1 and all(job.key is None for job in jobs):
-                    return self._insert_keyless(conn, jobs, now)
-                return [self._insert(conn, job, now) for job in jobs]
+                    results = self._insert_keyless(conn, jobs, now)
+                else:
+                    results = [self._insert(conn, job, now) for job in jobs]
+            self._announce()
+            return results
 
-        results = await self._run(work)
-        _WAKEUPS.notify(self._wake_key)
-        return results
+        return await self._run(work)
 
     async def upsert(self, job: NewJob) -> EnqueueResult:
         """Enqueue by key, or replace the live job's content while it is not running."""
@@ -434,57 +914,77 @@ class SQLiteStore:
             with self._write(conn):
                 live = conn.execute(_Q["live_job_by_key"], (job.key,)).fetchone()
                 if live is None:
-                    return self._insert(conn, job, now)
-                row = conn.execute(
-                    _Q["upsert_live"],
-                    {
-                        "id": live["id"],
-                        "payload": _dumps(job.payload),
-                        "meta": _dumps(dict(job.meta)),
-                        "policy": _dumps(dict(job.policy)),
-                        "max_attempts": job.max_attempts,
-                        "timeout": job.timeout,
-                        "event_scope": job.event_scope,
-                        "queue": job.queue,
-                        "handler": job.handler,
-                        "now": now,
-                    },
-                ).fetchone()
-                return EnqueueResult(_job(row if row is not None else live), created=False)
+                    result = self._insert(conn, job, now)
+                else:
+                    row = conn.execute(
+                        _Q["upsert_live"],
+                        {
+                            "id": live[0],
+                            "payload": _dumps(job.payload),
+                            "meta": _dumps(dict(job.meta)),
+                            "policy": _dumps(dict(job.policy)),
+                            "max_attempts": job.max_attempts,
+                            "timeout": job.timeout,
+                            "event_scope": job.event_scope,
+                            "queue": job.queue,
+                            "handler": job.handler,
+                            "now": now,
+                        },
+                    ).fetchone()
+                    result = EnqueueResult(_job(row if row is not None else live), created=False)
+            self._announce()
+            return result
 
-        result = await self._run(work)
-        _WAKEUPS.notify(self._wake_key)
-        return result
+        return await self._run(work)
 
     # -- workers ----------------------------------------------------------------------------
 
     async def claim(self, request: ClaimRequest) -> list[Job]:
-        """Claim due jobs under fresh leases, with their attempt rows, in one transaction."""
+        """Claim due jobs under fresh leases, with their attempt rows, in one transaction.
+
+        Two statements: due retries first, then pending jobs for the room left, each an index
+        walk in (run_at, id) order (see jobs.sql).
+        """
         if request.limit <= 0 or not request.queues:
             return []
-        queues = _dumps(list(request.queues))
+        params: dict[str, Any] = {
+            "worker_id": request.worker_id,
+            "lease_seconds": request.lease_seconds,
+            "limit": request.limit,
+        }
+        if request.batch_id is not None:
+            retrying = pending = _Q["claim_batch"]
+            params.update(
+                queues=_dumps(list(request.queues)),
+                batch_id=request.batch_id,
+                due_only=int(request.due_only),
+                status=Status.RETRYING.value,
+            )
+        elif len(request.queues) == 1:
+            retrying, pending = _Q["claim_retrying_one"], _Q["claim_pending_one"]
+            params["queue"] = request.queues[0]
+        else:
+            retrying, pending = _Q["claim_retrying_any"], _Q["claim_pending_any"]
+            params["queues"] = _dumps(list(request.queues))
+        worker_id = request.worker_id
 
         def work(conn: sqlite3.Connection) -> list[Job]:
-            now = self._now()
-            params: dict[str, Any] = {
-                "worker_id": request.worker_id,
-                "now": now,
-                "lease_seconds": request.lease_seconds,
-                "queues": queues,
-                "limit": request.limit,
-            }
+            now = params["now"] = self._now()
             with self._write(conn):
-                if request.batch_id is None:
-                    rows = conn.execute(_Q["claim"], params).fetchall()
-                else:
-                    params["batch_id"] = request.batch_id
-                    params["due_only"] = int(request.due_only)
-                    rows = conn.execute(_Q["claim_batch"], params).fetchall()
-                conn.executemany(
-                    _Q["insert_attempt"],
-                    [{"id": r["id"], "worker_id": request.worker_id, "now": now} for r in rows],
-                )
-            return sorted((_job(r) for r in rows), key=lambda j: (j.run_at, j.id))
+                rows = conn.execute(retrying, params).fetchall()
+                rows.sort(key=_RUN_AT_ID)  # RETURNING follows no order
+                room = request.limit - len(rows)
+                if room > 0:
+                    params["limit"] = room
+                    params["status"] = Status.PENDING.value
+                    fresh = conn.execute(pending, params).fetchall()
+                    fresh.sort(key=_RUN_AT_ID)
+                    rows += fresh
+                if rows:
+                    ids = self._encode([row[0] for row in rows])
+                    conn.execute(_Q["insert_attempt"], (ids, worker_id, now))
+            self._seen_version = _data_version(conn)
+            return _jobs(rows)
 
         return await self._run(work)
 
@@ -492,29 +992,94 @@ class SQLiteStore:
         """Extend every lease still held."""
         if not leases:
             return HeartbeatResult(frozenset(), frozenset())
+        ids = _dumps([lease.job_id for lease in leases])
 
         def work(conn: sqlite3.Connection) -> HeartbeatResult:
             now = self._now()
-            renewed: set[int] = set()
-            cancel: set[int] = set()
             with self._write(conn):
-                for lease in leases:
-                    row = conn.execute(
-                        _Q["heartbeat"],
-                        {
-                            "now": now,
-                            "lease_seconds": lease_seconds,
-                            "id": lease.job_id,
-                            "token": lease.lease_token,
-                        },
-                    ).fetchone()
-                    if row is not None:
-                        renewed.add(row[0])
-                        if row[1]:
-                            cancel.add(row[0])
-            return HeartbeatResult(frozenset(renewed), frozenset(cancel))
+                held = {row[0]: row for row in conn.execute(_Q["running_leases"], (ids,))}
+                renew = [
+                    (now, lease_seconds, lease.job_id, lease.lease_token)
+                    for lease in leases
+                    if lease.job_id in held and held[lease.job_id][1] == lease.lease_token
+                ]
+                if renew:
+                    conn.executemany(_Q["heartbeat"], renew)
+            renewed = frozenset(r[2] for r in renew)
+            return HeartbeatResult(renewed, frozenset(i for i in renewed if held[i][3]))
 
         return await self._run(work)
+
+    def _complete_distinct(
+        self, conn: sqlite3.Connection, completions: Sequence[Completion], now: float
+    ) -> list[bool]:
+        """Apply completions of distinct jobs, as applying them one by one would.
+
+        One read finds which still hold their lease (the fence, checked here and again by the
+        update), then one ``executemany`` per table writes the applied ones. A job's row is
+        changed by its own completion only, so each is applied exactly as alone; only a batch's
+        completion event needs the order (see ``_emit``).
+        """
+        ids = _dumps([c.job_id for c in completions])
+        held = {row[0]: row for row in conn.execute(_Q["running_leases"], (ids,))}
+        encode = self._encode
+        applied: list[bool] = []
+        jobs: list[tuple[Any, ...]] = []
+        attempts: list[tuple[Any, ...]] = []
+        owed: list[int] = []  # applied completions that end a job with an event scope
+        last_of_batch: dict[str, int] = {}
+        for c in completions:
+            lease = held.get(c.job_id)
+            if (
+                lease is None
+                or lease[1] != c.lease_token
+                or (c.require_expired and not (lease[2] is not None and lease[2] < now))
+            ):
+                applied.append(False)
+                continue
+            applied.append(True)
+            status = c.next_status
+            failed = c.outcome is not Outcome.SUCCEEDED
+            jobs.append(
+                (
+                    now,
+                    status.value,
+                    None if c.result is None else encode(c.result),
+                    c.classification if failed else None,
+                    c.error_message if failed else None,
+                    c.error_type if failed else None,
+                    max(0.0, c.retry_in),
+                    c.job_id,
+                    c.lease_token,
+                    int(c.require_expired),
+                )
+            )
+            attempts.append(
+                (
+                    now,
+                    c.row_outcome,
+                    c.row_classification,
+                    c.error_type,
+                    c.error_message,
+                    c.duration,
+                    c.job_id,
+                )
+            )
+            if lease[4] is not None and status in EVENT_STATUSES:
+                owed.append(c.job_id)
+            if lease[5] is not None:
+                last_of_batch[lease[5]] = c.job_id
+        if not jobs:
+            return applied
+        changed = conn.executemany(_Q["complete"], jobs).rowcount
+        if changed != len(jobs):  # pragma: no cover - the write lock holds the leases read
+            raise StoreError(f"complete changed {changed} jobs, expected {len(jobs)}")
+        conn.executemany(_Q["finish_attempt"], attempts)
+        for job_id in owed:
+            after = _job(conn.execute(_Q["get_job"], (job_id,)).fetchone())
+            last = after.batch_id is not None and last_of_batch[after.batch_id] == job_id
+            _emit(conn, Status.RUNNING, after, now, last=last)
+        return applied
 
     async def complete(self, completions: Sequence[Completion]) -> list[bool]:
         """Apply attempt endings, fenced by lease token, in one transaction."""
@@ -524,55 +1089,17 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> list[bool]:
             now = self._now()
             applied: list[bool] = []
-            finished: list[dict[str, Any]] = []
             with self._write(conn):
-                for c in completions:
-                    status = c.next_status
-                    succeeded = c.outcome is Outcome.SUCCEEDED
-                    row = conn.execute(
-                        _Q["complete"],
-                        {
-                            "status": status.value,
-                            "result": None if c.result is None else _dumps(c.result),
-                            "classification": None if succeeded else c.classification,
-                            "error_message": None if succeeded else c.error_message,
-                            "error_type": None if succeeded else c.error_type,
-                            "retry_in": max(0.0, c.retry_in),
-                            "now": now,
-                            "id": c.job_id,
-                            "token": c.lease_token,
-                            "require_expired": int(c.require_expired),
-                        },
-                    ).fetchone()
-                    if row is None:
-                        applied.append(False)
-                        continue
-                    if row["event_scope"] is not None and status in EVENT_STATUSES:
-                        # The whole row only when an event is owed; emitted before the next
-                        # completion so a batch's last job is seen as the last exactly once.
-                        after = conn.execute(_Q["get_job"], (c.job_id,)).fetchone()
-                        _emit(conn, Status.RUNNING, _job(after), now)
-                    finished.append(
-                        {
-                            "now": now,
-                            "outcome": c.row_outcome,
-                            "classification": c.row_classification,
-                            "error_type": c.error_type,
-                            "error_message": c.error_message,
-                            "duration": c.duration,
-                            "id": c.job_id,
-                        }
-                    )
-                    applied.append(True)
-                conn.executemany(_Q["finish_attempt"], finished)
+                for distinct in _distinct_runs(completions):
+                    applied += self._complete_distinct(conn, distinct, now)
+            if any(
+                ok and c.outcome is Outcome.RETRY
+                for ok, c in zip(applied, completions, strict=True)
+            ):
+                self._announce()
             return applied
 
-        results = await self._run(work)
-        if any(
-            ok and c.outcome is Outcome.RETRY for ok, c in zip(results, completions, strict=True)
-        ):
-            _WAKEUPS.notify(self._wake_key)
-        return results
+        return await self._run(work)
 
     async def release(self, leases: Sequence[Lease]) -> int:
         """Hand back claimed jobs that never started, as if never claimed."""
@@ -590,47 +1117,64 @@ class SQLiteStore:
                     if row is not None:
                         conn.execute(_Q["delete_attempt"], (lease.job_id,))
                         released += 1
+            if released:
+                self._announce()
             return released
 
-        count = await self._run(work)
-        if count:
-            _WAKEUPS.notify(self._wake_key)
-        return count
+        return await self._run(work)
 
     async def expired(self, limit: int) -> list[Job]:
         """Running jobs whose lease has expired, oldest expiry first."""
 
         def work(conn: sqlite3.Connection) -> list[Job]:
-            rows = conn.execute(_Q["expired"], (self._now(), limit)).fetchall()
-            return [_job(r) for r in rows]
+            return _jobs(conn.execute(_Q["expired"], (self._now(), limit)).fetchall())
 
         return await self._run(work)
 
     async def next_due_in(self, queues: Sequence[str]) -> float | None:
         """Seconds until the earliest waiting job is due; None if none waits."""
+        if len(queues) == 1:
+            sql, arg = _Q["next_due_one"], queues[0]
+        else:
+            sql, arg = _Q["next_due_any"], _dumps(list(queues))
 
         def work(conn: sqlite3.Connection) -> float | None:
-            run_at = conn.execute(_Q["next_due"], (_dumps(list(queues)),)).fetchone()[0]
+            run_at = conn.execute(sql, (arg,)).fetchone()[0]
+            self._seen_version = _data_version(conn)
             return None if run_at is None else max(0.0, run_at - self._now())
 
         return await self._run(work)
 
     async def wait(self, queues: Sequence[str], timeout: float) -> bool:
-        """Wait for an enqueue in this process or a commit by another one, up to ``timeout``."""
+        """Wait for work committed by this process or another, up to ``timeout``.
+
+        This process's writes wake waiters directly; other processes' through the wake-up
+        channel (:class:`_Listener`, opened at the first wait). ``PRAGMA data_version`` is the
+        fallback: it is compared with its value at this store's last claim (or ``next_due_in``),
+        so a commit made just before the wait began is not missed, then polled every
+        ``wake_interval`` (or every ``_WAKE_POLL`` while the channel is open).
+        """
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop)
         _WAKEUPS.add(self._wake_key, waiter)
         try:
+            if self._listener is None and self._can_listen and self._conn is not None:
+                self._listener = _listen(self._wake_key, self._wake_key)
+                self._can_listen = self._listener is not None  # else poll, without retrying
+            interval = self._wake_interval
+            if self._listener is not None:
+                interval = max(interval, _WAKE_POLL)
             version = await self._run(_data_version)
+            if self.path != ":memory:" and self._seen_version not in (None, version):
+                self._seen_version = version
+                return True
             deadline = loop.time() + max(0.0, timeout)
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return False
                 try:
-                    await asyncio.wait_for(
-                        waiter.event.wait(), timeout=min(remaining, self._wake_interval)
-                    )
+                    await asyncio.wait_for(waiter.event.wait(), timeout=min(remaining, interval))
                     return True
                 except TimeoutError:
                     pass
@@ -689,7 +1233,7 @@ class SQLiteStore:
         params.append(limit)
 
         def work(conn: sqlite3.Connection) -> list[Job]:
-            return [_job(r) for r in conn.execute(sql, params).fetchall()]
+            return _jobs(conn.execute(sql, params).fetchall())
 
         return await self._run(work)
 
@@ -710,7 +1254,7 @@ class SQLiteStore:
                     error_message=r["error_message"],
                     duration=r["duration"],
                 )
-                for r in conn.execute(_Q["list_attempts"], (job_id,)).fetchall()
+                for r in _named(conn).execute(_Q["list_attempts"], (job_id,)).fetchall()
             ]
 
         return await self._run(work)
@@ -730,7 +1274,7 @@ class SQLiteStore:
                     version=r["version"],
                     notes=r["notes"],
                 )
-                for r in conn.execute(_Q["list_audit"], (job_id,)).fetchall()
+                for r in _named(conn).execute(_Q["list_audit"], (job_id,)).fetchall()
             ]
 
         return await self._run(work)
@@ -765,8 +1309,8 @@ class SQLiteStore:
                 elif request.action is Action.REQUEUE:
                     if before.key is not None:
                         holder = conn.execute(_Q["live_job_by_key"], (before.key,)).fetchone()
-                        if holder is not None and holder["id"] != before.id:
-                            raise KeyTaken(before.id, holder["id"])
+                        if holder is not None and holder[0] != before.id:
+                            raise KeyTaken(before.id, holder[0])
                     params["reset"] = int(request.reset_attempts)
                     after_row = conn.execute(_Q["act_requeue"], params).fetchone()
                 else:
@@ -790,12 +1334,11 @@ class SQLiteStore:
                         request.notes,
                     ),
                 )
-                return after
+            if after.status is Status.PENDING:
+                self._announce()
+            return after
 
-        job = await self._run(work)
-        if job.status is Status.PENDING:
-            _WAKEUPS.notify(self._wake_key)
-        return job
+        return await self._run(work)
 
     async def counts(self) -> dict[tuple[str, Status], int]:
         """How many jobs per (queue, status)."""
@@ -832,7 +1375,7 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> list[Event]:
             params = {"now": self._now(), "lease_seconds": lease_seconds, "limit": limit}
             with self._write(conn):
-                rows = conn.execute(_Q["claim_events"], params).fetchall()
+                rows = _named(conn).execute(_Q["claim_events"], params).fetchall()
             return sorted((_event(r) for r in rows), key=lambda e: e.id)
 
         return await self._run(work)
@@ -868,7 +1411,7 @@ class SQLiteStore:
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    return int(conn.execute(_Q["data_version"]).fetchone()[0])
 
 
 @functools.cache

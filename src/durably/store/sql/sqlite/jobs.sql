@@ -1,3 +1,6 @@
+-- Statements that return jobs use `SELECT *` / `RETURNING *`: sqlite.py reads those rows by
+-- position, in the column order of 001_initial.sql (the order of the Job fields).
+
 -- name: insert_job
 INSERT INTO jobs (queue, handler, payload, status, max_attempts, policy, run_at, created_at,
                   updated_at, key, timeout, batch_id, item_index, event_scope, meta)
@@ -6,12 +9,18 @@ VALUES (:queue, :handler, :payload, 'pending', :max_attempts, :policy, :run_at, 
 ON CONFLICT DO NOTHING
 RETURNING *
 
--- name: insert_job_plain
--- For a batch without keys (executemany): nothing can conflict and RETURNING is not allowed.
+-- name: insert_jobs_keyless
+-- Jobs without keys (nothing can conflict), many per statement: sqlite.py puts as many copies of
+-- insert_jobs_row as there are jobs where ROWS stands. One statement per chunk instead of one
+-- per row saves most of the per-row cost (statement steps, the AUTOINCREMENT counter update).
+-- Parameters per row: queue, handler, payload, max_attempts, policy, run_at, now, now, timeout,
+-- batch_id, item_index, event_scope, meta.
 INSERT INTO jobs (queue, handler, payload, status, max_attempts, policy, run_at, created_at,
-                  updated_at, key, timeout, batch_id, item_index, event_scope, meta)
-VALUES (:queue, :handler, :payload, 'pending', :max_attempts, :policy, :run_at, :now, :now,
-        :key, :timeout, :batch_id, :item_index, :event_scope, :meta)
+                  updated_at, timeout, batch_id, item_index, event_scope, meta)
+VALUES {rows}
+
+-- name: insert_jobs_row
+(?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: last_insert_rowid
 SELECT last_insert_rowid()
@@ -33,60 +42,115 @@ UPDATE jobs
  WHERE id = :id AND status IN ('pending', 'retrying')
 RETURNING *
 
--- name: claim
+-- A claim runs the retrying statement, then the pending one for whatever room is left. Each
+-- walks its partial index in (run_at, id) order from the queue's oldest entry and stops at the
+-- limit or at the first job not yet due. `_one` takes a single queue (no sort at all), `_any` a
+-- JSON list of queues (their due entries are merged by a sort).
+
+-- name: claim_retrying_one
 UPDATE jobs
    SET status = 'running', attempts = attempts + 1, worker_id = :worker_id,
        lease_token = lower(hex(randomblob(16))), lease_expires_at = :now + :lease_seconds,
        first_attempt_at = coalesce(first_attempt_at, :now), cancel_requested = 0,
        version = version + 1, updated_at = :now
- WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_waiting
-               WHERE status IN ('pending', 'retrying') AND queue IN (SELECT value FROM json_each(:queues))
+ WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_retrying
+               WHERE status = 'retrying' AND queue = :queue AND run_at <= :now
+               ORDER BY run_at, id LIMIT :limit)
+RETURNING *
+
+-- name: claim_pending_one
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, worker_id = :worker_id,
+       lease_token = lower(hex(randomblob(16))), lease_expires_at = :now + :lease_seconds,
+       first_attempt_at = coalesce(first_attempt_at, :now), cancel_requested = 0,
+       version = version + 1, updated_at = :now
+ WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_pending
+               WHERE status = 'pending' AND queue = :queue AND run_at <= :now
+               ORDER BY run_at, id LIMIT :limit)
+RETURNING *
+
+-- name: claim_retrying_any
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, worker_id = :worker_id,
+       lease_token = lower(hex(randomblob(16))), lease_expires_at = :now + :lease_seconds,
+       first_attempt_at = coalesce(first_attempt_at, :now), cancel_requested = 0,
+       version = version + 1, updated_at = :now
+ WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_retrying
+               WHERE status = 'retrying' AND queue IN (SELECT value FROM json_each(:queues))
+                 AND run_at <= :now
+               ORDER BY run_at, id LIMIT :limit)
+RETURNING *
+
+-- name: claim_pending_any
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, worker_id = :worker_id,
+       lease_token = lower(hex(randomblob(16))), lease_expires_at = :now + :lease_seconds,
+       first_attempt_at = coalesce(first_attempt_at, :now), cancel_requested = 0,
+       version = version + 1, updated_at = :now
+ WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_pending
+               WHERE status = 'pending' AND queue IN (SELECT value FROM json_each(:queues))
                  AND run_at <= :now
                ORDER BY run_at, id LIMIT :limit)
 RETURNING *
 
 -- name: claim_batch
+-- Run once with :status = 'retrying', then with 'pending'.
 UPDATE jobs
    SET status = 'running', attempts = attempts + 1, worker_id = :worker_id,
        lease_token = lower(hex(randomblob(16))), lease_expires_at = :now + :lease_seconds,
        first_attempt_at = coalesce(first_attempt_at, :now), cancel_requested = 0,
        version = version + 1, updated_at = :now
- WHERE id IN (SELECT id FROM jobs
-               WHERE status IN ('pending', 'retrying') AND batch_id = :batch_id
+ WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_batch
+               WHERE batch_id = :batch_id AND status = :status
                  AND queue IN (SELECT value FROM json_each(:queues))
                  AND (:due_only = 0 OR run_at <= :now)
                ORDER BY run_at, id LIMIT :limit)
 RETURNING *
 
 -- name: insert_attempt
+-- The attempt rows of a claim, one statement for all: ?1 a JSON list of job ids, ?2 worker id,
+-- ?3 now.
 INSERT INTO attempts (job_id, number, worker_id, started_at)
-SELECT :id, coalesce(max(number), 0) + 1, :worker_id, :now FROM attempts WHERE job_id = :id
+SELECT claimed.value,
+       coalesce((SELECT max(number) FROM attempts WHERE job_id = claimed.value), 0) + 1, ?2, ?3
+  FROM json_each(?1) AS claimed
+
+-- name: running_leases
+-- The lease state of the listed jobs (a JSON list of ids) that are running: the fencing checks
+-- of heartbeat and complete, done once for a whole batch. NOT INDEXED: rowid lookups only, never
+-- a walk over every running job.
+SELECT id, lease_token, lease_expires_at, cancel_requested, event_scope, batch_id
+  FROM jobs NOT INDEXED
+ WHERE id IN (SELECT value FROM json_each(?)) AND status = 'running'
 
 -- name: heartbeat
-UPDATE jobs SET lease_expires_at = :now + :lease_seconds, version = version + 1, updated_at = :now
- WHERE id = :id AND status = 'running' AND lease_token = :token
-RETURNING id, cancel_requested
+-- executemany: ?1 now, ?2 lease seconds, ?3 job id, ?4 lease token.
+UPDATE jobs SET lease_expires_at = ?1 + ?2, version = version + 1, updated_at = ?1
+ WHERE id = ?3 AND status = 'running' AND lease_token = ?4
 
 -- name: complete
+-- executemany: ?1 now, ?2 status, ?3 result, ?4 classification, ?5 error message,
+-- ?6 error type, ?7 retry_in, ?8 job id, ?9 lease token, ?10 require_expired.
 UPDATE jobs
-   SET status = :status,
-       result = :result,
-       classification = :classification,
-       last_error = :error_message,
-       last_error_type = :error_type,
-       run_at = CASE WHEN :status = 'retrying' THEN :now + :retry_in ELSE run_at END,
-       finished_at = CASE WHEN :status = 'retrying' THEN NULL ELSE :now END,
+   SET status = ?2,
+       result = ?3,
+       classification = ?4,
+       last_error = ?5,
+       last_error_type = ?6,
+       run_at = CASE WHEN ?2 = 'retrying' THEN ?1 + ?7 ELSE run_at END,
+       finished_at = CASE WHEN ?2 = 'retrying' THEN NULL ELSE ?1 END,
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, cancel_requested = 0,
-       version = version + 1, updated_at = :now
- WHERE id = :id AND status = 'running' AND lease_token = :token
-   AND (:require_expired = 0 OR lease_expires_at < :now)
-RETURNING id, event_scope
+       version = version + 1, updated_at = ?1
+ WHERE id = ?8 AND status = 'running' AND lease_token = ?9
+   AND (?10 = 0 OR lease_expires_at < ?1)
 
 -- name: finish_attempt
+-- executemany: ?1 now, ?2 outcome, ?3 classification, ?4 error type, ?5 error message,
+-- ?6 duration, ?7 job id.
 UPDATE attempts
-   SET finished_at = :now, outcome = :outcome, classification = :classification,
-       error_type = :error_type, error_message = :error_message, duration = :duration
- WHERE job_id = :id AND finished_at IS NULL
+   SET finished_at = ?1, outcome = ?2, classification = ?3, error_type = ?4,
+       error_message = ?5, duration = ?6
+ WHERE job_id = ?7 AND finished_at IS NULL
 
 -- name: release
 UPDATE jobs
@@ -106,9 +170,23 @@ SELECT * FROM jobs INDEXED BY jobs_leases
  WHERE status = 'running' AND lease_expires_at < ?
  ORDER BY lease_expires_at LIMIT ?
 
--- name: next_due
-SELECT min(run_at) FROM jobs INDEXED BY jobs_waiting
- WHERE status IN ('pending', 'retrying') AND queue IN (SELECT value FROM json_each(?))
+-- name: next_due_one
+-- The earliest run_at waiting in one queue: a single index seek per status.
+SELECT min(run_at) FROM (
+    SELECT min(run_at) AS run_at FROM jobs INDEXED BY jobs_retrying
+     WHERE status = 'retrying' AND queue = ?1
+    UNION ALL
+    SELECT min(run_at) FROM jobs INDEXED BY jobs_pending
+     WHERE status = 'pending' AND queue = ?1)
+
+-- name: next_due_any
+-- The earliest run_at waiting in any of a JSON list of queues: one seek per queue and status.
+SELECT min(run_at) FROM (
+    SELECT min(run_at) AS run_at FROM jobs INDEXED BY jobs_retrying
+     WHERE status = 'retrying' AND queue IN (SELECT value FROM json_each(?1))
+    UNION ALL
+    SELECT min(run_at) FROM jobs INDEXED BY jobs_pending
+     WHERE status = 'pending' AND queue IN (SELECT value FROM json_each(?1)))
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = ?
