@@ -8,6 +8,7 @@ Key layout, all under the hash-tagged root ``{prefix}`` (one cluster slot per na
 
     {p}:schema                  schema version
     {p}:seq                     job id counter
+    {p}:layout                  "retry-sets" once retrying jobs are indexed in :retry:<queue>
     {p}:job:<id>                hash: the job (JSON fields as JSON text, times in microseconds)
     {p}:job:<id>:attempts       list: attempt records (JSON), oldest first
     {p}:job:<id>:audit          list: audit entries (JSON), oldest first
@@ -15,6 +16,8 @@ Key layout, all under the hash-tagged root ``{prefix}`` (one cluster slot per na
     {p}:status:<status>         zset: job ids per status (score = id)
     {p}:counts                  hash: "<status>|<queue>" -> number of jobs
     {p}:due:<queue>             zset: waiting (pending, retrying) ids, score = run_at
+    {p}:retry:<queue>           zset: the retrying ones again, claimed first (older versions of
+                                durably know only :due:, so they can share the namespace)
     {p}:leases                  zset: running ids, score = lease expiry
     {p}:finished                zset: ids with finished_at, score = finished_at (for pruning)
     {p}:keys                    hash: idempotency key -> live job id
@@ -28,12 +31,17 @@ Key layout, all under the hash-tagged root ``{prefix}`` (one cluster slot per na
     {p}:jobevents:<id>          zset: a job's undelivered event ids, for in-order delivery
 
 Index members are zero-padded ids so that ties on a score order by id.
+
+The hot scripts (enqueue, claim, complete) take compact arguments instead of a JSON document per
+job, batch their index updates into one command per key, and return little: the cost of a bulk
+call is mostly Redis commands and values crossing between Lua and Redis, all on Redis's one core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -41,6 +49,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from json.encoder import encode_basestring_ascii
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -127,8 +136,18 @@ def _seconds_us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+_DATETIMES: dict[str, datetime] = {}
+
+
 def _dt(value: str) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(value))
+    """A stored time (microseconds since the epoch). Cached: the jobs of one bulk call mostly
+    share their timestamps (now, now + lease, their enqueue time)."""
+    found = _DATETIMES.get(value)
+    if found is None:
+        if len(_DATETIMES) >= 4096:
+            _DATETIMES.clear()
+        found = _DATETIMES[value] = _EPOCH + timedelta(microseconds=int(value))
+    return found
 
 
 def _opt_dt(value: str | None) -> datetime | None:
@@ -143,11 +162,21 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""``json.dumps(value, separators=(",", ":"), allow_nan=False)`` without building an encoder per
+call. Its output is ASCII and never holds a raw newline, which enqueue.lua relies on."""
+
+
 def _dumps(value: JSON, what: str) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return _ENCODE(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _object(text: str) -> Any:
+    """A stored JSON object (policy, meta); the common empty one without the parser."""
+    return {} if text == "{}" else _loads(text)
 
 
 def _text(value: str | None) -> str | None:
@@ -156,44 +185,84 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.encode("utf-8", "replace").decode("utf-8")
 
 
+def _field(value: object) -> str:
+    """An optional job field as the hash stores it."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+_STATUSES: Mapping[str, Status] = {s.value: s for s in Status}
+
+
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, cheaper for the small documents a store reads by the thousand."""
+    try:
+        value, end = _RAW_DECODE(text)
+    except ValueError:
+        return json.loads(text)  # the same error, or surrounding whitespace
+    return value if end == len(text) else json.loads(text)
+
+
+_JOB_FIELDS = (
+    "id", "queue", "handler", "payload", "status", "attempts", "max_attempts", "policy",
+    "run_at", "version", "created_at", "updated_at", "key", "timeout", "batch_id",
+    "item_index", "event_scope", "meta", "worker_id", "lease_token", "lease_expires_at",
+    "cancel_requested", "first_attempt_at", "finished_at", "classification", "last_error",
+    "last_error_type", "result", "operator", "operator_notes",
+)  # fmt: skip
+# Jobs are built with positional arguments (keywords cost a fifth more, thousands of times per
+# call): in this order.
+if tuple(f.name for f in dataclasses.fields(Job)) != _JOB_FIELDS:
+    raise ImportError("durably.job.Job has new fields: update durably.store.redis._JOB_FIELDS")
 
 
 def _job(fields: Mapping[str, str]) -> Job:
     """A :class:`Job` from its hash fields (a missing field is ``None``)."""
     g = fields.get
+    max_attempts = g("max_attempts")
+    timeout = g("timeout")
+    item_index = g("item_index")
+    lease_expires_at = g("lease_expires_at")
+    first_attempt_at = g("first_attempt_at")
+    finished_at = g("finished_at")
+    result = g("result")
     return Job(
-        id=int(fields["id"]),
-        queue=fields["queue"],
-        handler=fields["handler"],
-        payload=json.loads(fields["payload"]),
-        status=Status(fields["status"]),
-        attempts=int(fields["attempts"]),
-        max_attempts=_opt_int(g("max_attempts")),
-        policy=json.loads(g("policy") or "{}"),
-        run_at=_dt(fields["run_at"]),
-        version=int(fields["version"]),
-        created_at=_dt(fields["created_at"]),
-        updated_at=_dt(fields["updated_at"]),
-        key=g("key"),
-        timeout=_opt_float(g("timeout")),
-        batch_id=g("batch_id"),
-        item_index=_opt_int(g("item_index")),
-        event_scope=g("event_scope"),
-        meta=json.loads(g("meta") or "{}"),
-        worker_id=g("worker_id"),
-        lease_token=g("lease_token"),
-        lease_expires_at=_opt_dt(g("lease_expires_at")),
-        cancel_requested=g("cancel_requested") == "1",
-        first_attempt_at=_opt_dt(g("first_attempt_at")),
-        finished_at=_opt_dt(g("finished_at")),
-        classification=g("classification"),
-        last_error=g("last_error"),
-        last_error_type=g("last_error_type"),
-        result=json.loads(fields["result"]) if "result" in fields else None,
-        operator=g("operator"),
-        operator_notes=g("operator_notes"),
+        int(fields["id"]),
+        fields["queue"],
+        fields["handler"],
+        _loads(fields["payload"]),
+        _STATUSES[fields["status"]],
+        int(fields["attempts"]),
+        None if max_attempts is None else int(max_attempts),
+        _object(g("policy", "{}")),
+        _dt(fields["run_at"]),
+        int(fields["version"]),
+        _dt(fields["created_at"]),
+        _dt(fields["updated_at"]),
+        g("key"),
+        None if timeout is None else float(timeout),
+        g("batch_id"),
+        None if item_index is None else int(item_index),
+        g("event_scope"),
+        _object(g("meta", "{}")),
+        g("worker_id"),
+        g("lease_token"),
+        None if lease_expires_at is None else _dt(lease_expires_at),
+        g("cancel_requested") == "1",
+        None if first_attempt_at is None else _dt(first_attempt_at),
+        None if finished_at is None else _dt(finished_at),
+        g("classification"),
+        g("last_error"),
+        g("last_error_type"),
+        None if result is None else _loads(result),
+        g("operator"),
+        g("operator_notes"),
     )
 
 
@@ -234,6 +303,274 @@ def _check_queue(queue: str) -> str:
             f"invalid queue name {queue!r}: use 1-128 letters, digits, '_', '.', ':' or '-'"
         )
     return queue
+
+
+_ITEM_INDEX = re.compile(r"-?[0-9]+")
+
+
+@dataclasses.dataclass(slots=True)
+class _Template:
+    """What a run of enqueued jobs shares: everything but payload, key and item index."""
+
+    queue: str
+    handler: str
+    policy: str
+    meta: str
+    delay_us: int
+    max_attempts: str | None
+    timeout: str | None
+    batch_id: str | None
+    event_scope: str | None
+    number: int = 0
+    """Its place in the script's arguments, from 1."""
+    # Filled in by _Enqueue.results: what the template's created jobs share.
+    jobs: int = 0
+    run_at: datetime = _EPOCH
+    max_attempts_value: int | None = None
+    timeout_value: float | None = None
+    policies: list[Any] | None = None
+    metas: list[Any] | None = None
+
+    def args(self) -> list[str | int]:
+        return [
+            self.queue,
+            self.handler,
+            self.policy,
+            self.meta,
+            self.delay_us,
+            self.max_attempts or "",
+            self.timeout or "",
+            "" if self.batch_id is None else "=" + self.batch_id,
+            "" if self.event_scope is None else "=" + self.event_scope,
+        ]
+
+    def prepare(self, now_us: int) -> None:
+        self.run_at = _EPOCH + timedelta(microseconds=now_us + self.delay_us)
+        self.max_attempts_value = _opt_int(self.max_attempts)
+        self.timeout_value = _opt_float(self.timeout)
+        self.policies = self._copies(self.policy)
+        self.metas = self._copies(self.meta)
+
+    def _copies(self, text: str) -> list[Any] | None:
+        """A decoded copy of ``text`` (policy or meta) per job, in one parse; None for ``{}``."""
+        if text == "{}":
+            return None
+        return list(json.loads("[" + ",".join([text] * self.jobs) + "]"))
+
+
+class _Enqueue:
+    """One enqueue call: the arguments of enqueue.lua, then the results built from its reply.
+
+    A created job is built here from what was sent rather than read back: the script returns
+    only the first new id and its clock.
+    """
+
+    def __init__(self, jobs: Sequence[NewJob]) -> None:
+        self.templates: list[_Template] = []
+        # (template, key, item index) and the payload JSON per job, in order.
+        self.rows: list[tuple[_Template, str | None, str | None]] = []
+        self.payloads: list[str] = []
+        self.runs: list[str | int] = []
+        by_shape: dict[tuple[Any, ...], _Template] = {}
+        texts: dict[int, tuple[Mapping[str, JSON], str]] = {}
+
+        def text(value: Mapping[str, JSON], what: str) -> str:
+            # Bulk enqueues share one policy snapshot: encode it once per call.
+            known = texts.get(id(value))
+            if known is None or known[0] is not value:
+                known = (value, _dumps(dict(value), what))
+                texts[id(value)] = known
+            return known[1]
+
+        run: tuple[_Template, bool, bool] | None = None
+        start = 0
+        keys: list[str] = []
+        items: list[str] = []
+        for job in jobs:
+            policy, meta = job.policy, job.meta
+            shape = (
+                job.queue,
+                job.handler,
+                text(policy, "policy") if policy else "{}",
+                text(meta, "meta") if meta else "{}",
+                job.delay,
+                job.max_attempts,
+                job.timeout,
+                job.batch_id,
+                job.event_scope,
+            )
+            template = by_shape.get(shape)
+            if template is None:
+                template = _Template(
+                    queue=_check_queue(job.queue),
+                    handler=job.handler,
+                    policy=shape[2],
+                    meta=shape[3],
+                    delay_us=max(0, _seconds_us(job.delay)),
+                    max_attempts=None if job.max_attempts is None else _field(job.max_attempts),
+                    timeout=None if job.timeout is None else _field(job.timeout),
+                    batch_id=None if job.batch_id is None else _field(job.batch_id),
+                    event_scope=None if job.event_scope is None else _field(job.event_scope),
+                )
+                by_shape[shape] = template
+                self.templates.append(template)
+                template.number = len(self.templates)
+            key = None if job.key is None else _field(job.key)
+            item = None
+            if job.item_index is not None:
+                item = _field(job.item_index)
+                if not _ITEM_INDEX.fullmatch(item):
+                    raise ConfigError(f"item_index must be an integer, not {job.item_index!r}")
+            this_run = (template, key is not None, item is not None)
+            if this_run != run:
+                if run is not None:
+                    self._add_run(run, start, keys, items)
+                run, start, keys, items = this_run, len(self.payloads), [], []
+            self.payloads.append(_dumps(job.payload, "payload"))
+            if key is not None:
+                keys.append(key)
+            if item is not None:
+                items.append(item)
+            self.rows.append((template, key, item))
+        if run is not None:
+            self._add_run(run, start, keys, items)
+
+    def _add_run(
+        self, run: tuple[_Template, bool, bool], start: int, keys: list[str], items: list[str]
+    ) -> None:
+        template, has_keys, has_items = run
+        number = template.number
+        payloads = self.payloads[start:]
+        self.runs.append(f"{number},{len(payloads)},{int(has_keys)},{int(has_items)}")
+        self.runs.append("\n".join(payloads))
+        self.runs += keys
+        if has_items:
+            self.runs.append(",".join(items))
+
+    def args(self, now: str) -> list[str | int]:
+        args: list[str | int] = [now, len(self.templates)]
+        for template in self.templates:
+            args += template.args()
+        return args + self.runs
+
+    def results(self, reply: Sequence[Any]) -> list[EnqueueResult]:
+        now_text, first_id, found = reply
+        now_us = int(now_text)
+        now = _dt(now_text)
+        existing = {int(found[i]): str(found[i + 1]) for i in range(0, len(found), 2)}
+        # Decoded copies, as a read would return them; one parse for the whole call.
+        payloads = json.loads("[" + ",".join(self.payloads) + "]")
+        for template in self.templates:
+            template.jobs = 0
+        for template, _key, _item in self.rows:
+            template.jobs += 1
+        for template in self.templates:
+            template.prepare(now_us)
+        pending = Status.PENDING
+        next_id = int(first_id)
+        out: list[EnqueueResult] = []
+        for position, (template, key, item) in enumerate(self.rows, 1):
+            policies, metas = template.policies, template.metas
+            if existing and position in existing:
+                out.append(EnqueueResult(_job(_loads(existing[position])), False))
+                continue
+            job = Job(  # positional: see _JOB_FIELDS
+                next_id,
+                template.queue,
+                template.handler,
+                payloads[position - 1],
+                pending,
+                0,
+                template.max_attempts_value,
+                {} if policies is None else policies.pop(),
+                template.run_at,
+                1,
+                now,
+                now,
+                key,
+                template.timeout_value,
+                template.batch_id,
+                None if item is None else int(item),
+                template.event_scope,
+                {} if metas is None else metas.pop(),
+            )
+            out.append(EnqueueResult(job, True))
+            next_id += 1
+        return out
+
+
+_OUTCOME_CODES: Mapping[str, str] = {
+    Outcome.SUCCEEDED: "s",
+    Outcome.RETRY: "r",
+    Outcome.DEAD_LETTER: "d",
+    Outcome.CANCELLED: "c",
+}
+
+
+def _completion_args(c: Completion) -> list[str | int]:
+    """One completion as complete.lua reads it (see there)."""
+    code = _OUTCOME_CODES[Outcome(c.outcome)]
+    # Tokens are hex; one that is not can match no lease, and must not break the header.
+    token = c.lease_token if c.lease_token.isalnum() else "-"
+    ending = '"outcome":' + encode_basestring_ascii(c.row_outcome)
+    row_classification = c.row_classification
+    if row_classification is not None:
+        ending += ',"classification":' + encode_basestring_ascii(_text(row_classification) or "")
+    error_type = _text(c.error_type)
+    if error_type is not None:
+        ending += ',"error_type":' + encode_basestring_ascii(error_type)
+    error_message = _text(c.error_message)
+    if error_message is not None:
+        ending += ',"error_message":' + encode_basestring_ascii(error_message)
+    if c.duration is not None:
+        ending += f',"duration":"{float(c.duration)!r}"'
+    fields: list[str | int] = []
+    if code != "s":
+        for name, value in (
+            ("c", _text(c.classification)),
+            ("m", error_message),
+            ("t", error_type),
+        ):
+            if value is not None:
+                fields += [name, value]
+    job_id = int(c.job_id)
+    spec = f"{job_id} {job_id:016d} {token} {code}"
+    retry_us = max(0, _seconds_us(c.retry_in))
+    has_result = c.result is not None
+    if retry_us or c.require_expired or has_result or fields:
+        spec += f" {retry_us} {int(c.require_expired)} {int(has_result)} {len(fields) // 2}"
+    spec += "\n" + ending
+    if has_result:
+        spec += "\n" + _dumps(c.result, "result")
+    return [spec, *fields]
+
+
+class _Claimed:
+    """A claimed job from the fields claim.lua read before claiming it, with the claim's writes
+    (the same as the script's) applied: cheaper than reading the hash back."""
+
+    __slots__ = ("changes", "now")
+
+    def __init__(self, now: str, worker_id: str, expires: str) -> None:
+        self.now = now
+        self.changes = {
+            "status": Status.RUNNING.value,
+            "updated_at": now,
+            "worker_id": worker_id,
+            "lease_expires_at": expires,
+        }
+
+    def job(self, doc: str, token: str) -> Job:
+        flat = iter(_loads(doc))
+        fields = dict(zip(flat, flat, strict=True))
+        fields.update(self.changes)
+        fields["lease_token"] = token
+        fields["attempts"] = str(int(fields["attempts"]) + 1)
+        fields["version"] = str(int(fields["version"]) + 1)
+        fields.setdefault("first_attempt_at", self.now)
+        if "cancel_requested" in fields:
+            fields["cancel_requested"] = "0"
+        return _job(fields)
 
 
 def _load_script(name: str) -> str:
@@ -466,10 +803,10 @@ class RedisStore:
         """Insert jobs in one script call, in order; live keys return their job."""
         if not jobs:
             return []
-        specs = [self._spec(job) for job in jobs]
+        call = _Enqueue(jobs)
         async with self._errors("enqueueing"):
-            rows = await self._run("enqueue", [self._now_arg(), *specs])
-        return [EnqueueResult(_job(json.loads(doc)), created == 1) for created, doc in rows]
+            reply = await self._run("enqueue", call.args(self._now_arg()))
+        return call.results(reply)
 
     async def upsert(self, job: NewJob) -> EnqueueResult:
         """Enqueue by key, or replace the live (not running) job's payload, meta and policy."""
@@ -487,21 +824,25 @@ class RedisStore:
         if request.limit <= 0 or not request.queues:
             return []
         queues = [_check_queue(q) for q in dict.fromkeys(request.queues)]
-        tokens = [secrets.token_hex(16) for _ in range(request.limit)]
+        tokens = secrets.token_hex(16 * request.limit)  # 32 characters per job
+        lease_us = _seconds_us(request.lease_seconds)
         args: list[str | int] = [
             self._now_arg(),
             request.worker_id,
             request.limit,
-            _seconds_us(request.lease_seconds),
+            lease_us,
             request.batch_id or "",
             "1" if request.due_only else "0",
             len(queues),
             *queues,
-            *tokens,
+            tokens,
         ]
         async with self._errors("claiming"):
-            rows = await self._run("claim", args)
-        return [_job(json.loads(doc)) for doc in rows]
+            reply = await self._run("claim", args)
+        now = reply[0]
+        expires = str(int(now) + lease_us)
+        attempt = _Claimed(now, request.worker_id, expires)
+        return [attempt.job(doc, tokens[32 * k : 32 * k + 32]) for k, doc in enumerate(reply[1:])]
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
         """Extend the leases still held; report which were renewed and which should cancel."""
@@ -520,29 +861,11 @@ class RedisStore:
         """Apply attempt endings in one script call, fenced by lease token."""
         if not completions:
             return []
-        specs: list[str] = []
+        args: list[str | int] = [self._now_arg()]
         for c in completions:
-            spec: dict[str, object] = {
-                "id": c.job_id,
-                "token": c.lease_token,
-                "attempt": c.attempt,
-                "outcome": Outcome(c.outcome).value,
-                "attempt_outcome": c.row_outcome,
-                "retry_us": max(0, _seconds_us(c.retry_in)),
-                "require_expired": c.require_expired,
-            }
-            optional: dict[str, str | None] = {
-                "result": None if c.result is None else _dumps(c.result, "result"),
-                "classification": _text(c.classification),
-                "attempt_classification": _text(c.row_classification),
-                "error_type": _text(c.error_type),
-                "error_message": _text(c.error_message),
-                "duration": None if c.duration is None else repr(float(c.duration)),
-            }
-            spec.update({k: v for k, v in optional.items() if v is not None})
-            specs.append(json.dumps(spec))
+            args += _completion_args(c)
         async with self._errors("completing"):
-            applied = await self._run("complete", [self._now_arg(), *specs])
+            applied = await self._run("complete", args)
         return [flag == 1 for flag in applied]
 
     async def release(self, leases: Sequence[Lease]) -> int:

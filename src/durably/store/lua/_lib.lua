@@ -56,6 +56,22 @@ local function decr_field(key, field)
   end
 end
 
+-- A waiting job is in its queue's ':due:' set (score run_at); a retrying one is in ':retry:' as
+-- well, where claims look first. ':due:' alone is what an older durably reads and writes, so
+-- both versions can share a namespace (claim.lua repairs what an older one leaves behind).
+local function add_waiting(status, queue, run_at, member)
+  redis.call('ZADD', P .. ':due:' .. queue, run_at, member)
+  if status == 'retrying' then
+    redis.call('ZADD', P .. ':retry:' .. queue, run_at, member)
+  end
+end
+
+-- Take a job off its queue's waiting sets.
+local function unwait(member, queue)
+  redis.call('ZREM', P .. ':due:' .. queue, member)
+  redis.call('ZREM', P .. ':retry:' .. queue, member)
+end
+
 -- Move a job between the per-status indexes, the per-(status, queue) counts and its batch's
 -- per-status counts; old or new may be nil.
 local function move_status(id, queue, old, new)
@@ -79,12 +95,105 @@ local function move_status(id, queue, old, new)
   end
 end
 
--- One token per wake-up, capped: a blocked BLPOP returns at once; spare tokens only cause
--- spurious wake-ups, which the protocol allows.
-local function wake(queue)
+-- Counter changes (the per-(status, queue) counts, a batch's per-status counts) summed over a
+-- script call and applied once per field at the end: new_counts(), add_count(), apply_counts().
+-- A field falling to zero or below is removed, as decr_field does. apply_counts(c, key) applies
+-- one hash's changes early, for code that reads it (emit()).
+local function new_counts()
+  return {}
+end
+
+local function add_count(c, key, field, delta)
+  local h = c[key]
+  if not h then
+    h = {}
+    c[key] = h
+  end
+  h[field] = (h[field] or 0) + delta
+end
+
+local function apply_counts(c, only)
+  for key, h in pairs(c) do
+    if only == nil or key == only then
+      for field, delta in pairs(h) do
+        if delta < 0 then
+          if redis.call('HINCRBY', key, field, int(delta)) <= 0 then
+            redis.call('HDEL', key, field)
+          end
+        elseif delta > 0 then
+          redis.call('HINCRBY', key, field, int(delta))
+        end
+      end
+      c[key] = {}
+    end
+  end
+end
+
+-- Index changes are gathered per key over a script call and sent as one command per key (a
+-- bulk call touches a handful of keys thousands of times). unpack() fails beyond a few
+-- thousand values: long argument lists go in even-sized chunks.
+local CHUNK = 4000
+
+local function chunked(cmd, key, args)
+  local n = #args
+  for i = 1, n, CHUNK do
+    local j = i + CHUNK - 1
+    if j > n then
+      j = n
+    end
+    redis.call(cmd, key, unpack(args, i, j))
+  end
+end
+
+-- Run body (a bulk script's per-job work), then finish (the index and counter writes it gathered)
+-- even when body stops half way on an error: the jobs it got through are left consistent (their
+-- leases indexed for the rescuer, their counts right). The error is then raised again.
+local function batched(body, finish)
+  local ok, err = pcall(body)
+  finish()
+  if not ok then
+    error(err, 0)
+  end
+end
+
+-- A sorted set starts out as a listpack, where every insert scans and moves the whole list,
+-- until it passes zset-max-listpack-entries (128 by default). Adding many members at once to a
+-- new or small set (leases and running jobs after an idle spell, a drained queue) is far cheaper
+-- once it is a skiplist: a member too long for a listpack converts it, and goes again at once.
+-- Sets that would become skiplists anyway (more than `over` members added) are only spared the
+-- listpack phase; the few global indexes of running and finished jobs convert from 64 on.
+local SKIPLIST_MEMBER = '~ durably: a placeholder that makes this sorted set a skiplist, '
+  .. 'removed by the same script'
+
+local function zadd_bulk(key, args, over)
+  local forced = false
+  if #args > 2 * over and redis.call('OBJECT', 'ENCODING', key) ~= 'skiplist' then
+    redis.call('ZADD', key, 0, SKIPLIST_MEMBER)
+    forced = true
+  end
+  chunked('ZADD', key, args)
+  if forced then
+    redis.call('ZREM', key, SKIPLIST_MEMBER)
+  end
+end
+
+-- One token per job woken for, at most 16: a blocked BLPOP returns at once; spare tokens only
+-- cause spurious wake-ups, which the protocol allows.
+local function wake_n(queue, n)
+  if n > 16 then
+    n = 16
+  end
+  local tokens = {}
+  for i = 1, n do
+    tokens[i] = '1'
+  end
   local wk = P .. ':wake:' .. queue
-  redis.call('LPUSH', wk, '1')
+  redis.call('LPUSH', wk, unpack(tokens))
   redis.call('LTRIM', wk, 0, 15)
+end
+
+local function wake(queue)
+  wake_n(queue, 1)
 end
 
 local function bump(jk, now)
@@ -125,14 +234,14 @@ local function drop_key(jk, id)
   end
 end
 
--- Insert a new pending job. spec.f holds its string fields (queue, handler, payload, ...),
--- spec.delay the microseconds until it is due.
+-- Insert a new pending job (upsert.lua; enqueue.lua does the same in bulk). spec.f holds its
+-- string fields (queue, handler, payload, ...), spec.delay the microseconds until it is due.
 local function create_job(spec, now)
   local f = spec.f
   local id = tostring(redis.call('INCR', P .. ':seq'))
   local run_at = now + spec.delay
   local fields = {
-    'id', id, 'status', 'pending', 'attempts', '0', 'version', '1', 'cancel_requested', '0',
+    'id', id, 'status', 'pending', 'attempts', '0', 'version', '1',
     'run_at', int(run_at), 'created_at', int(now), 'updated_at', int(now),
   }
   for name, value in pairs(f) do

@@ -47,10 +47,11 @@ else
       redis.call('HSET', jk, 'attempts', '0')
     end
     redis.call('ZREM', P .. ':finished', pad(id))
+    unwait(pad(id), queue)
     redis.call('ZADD', P .. ':due:' .. queue, int(now), pad(id))
     wake(queue)
   else
-    redis.call('ZREM', P .. ':due:' .. queue, pad(id))
+    unwait(pad(id), queue)
     redis.call('HSET', jk, 'finished_at', int(now), 'operator', r.actor)
     set_or_del(jk, 'operator_notes', r.notes)
     redis.call('ZADD', P .. ':finished', int(now), pad(id))

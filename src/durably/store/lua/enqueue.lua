@@ -1,19 +1,175 @@
 -- Insert jobs in order; a job whose key has a live job returns that job instead.
--- ARGV: now, then one JSON spec per job ({"f": {...}, "delay": us}).
--- Returns, per job, {created (0/1), the job as JSON (see snapshot)}.
+-- ARGV: now, the number of templates, then 9 values per template (what its jobs share): queue,
+--   handler, policy, meta, delay_us, max_attempts, timeout, '=' .. batch_id, '=' .. event_scope
+--   ('' when unset); then runs of consecutive jobs of one template: a header
+--   'template,count,has_keys,has_items' (template numbered from 1), the count payloads joined by
+--   '\n' (JSON text never holds a raw newline), one key per job if has_keys, and the item indexes
+--   joined by ',' if has_items.
+-- Returns {now, the id of the first job created (the others follow in order), {position, the
+-- job as JSON} for every job that was not created (position numbered from 1)}.
 local now = now_us(ARGV[1])
-local out = {}
-for i = 2, #ARGV do
-  local spec = cjson.decode(ARGV[i])
-  local holder = nil
-  if spec.f.key then
-    holder = live_holder(spec.f.key)
+local snow = int(now)
+local templates = {}
+local a = 3
+for t = 1, tonumber(ARGV[2]) do
+  local queue = ARGV[a]
+  local run_at = int(now + tonumber(ARGV[a + 4]))
+  -- Every field costs each later lookup in the job's hash: an empty policy or meta and an unset
+  -- cancel_requested are left out, which reads back the same.
+  local f = {
+    'status', 'pending', 'attempts', '0', 'version', '1', 'queue', queue,
+    'run_at', run_at, 'created_at', snow, 'updated_at', snow, 'handler', ARGV[a + 1],
+  }
+  if ARGV[a + 2] ~= '{}' then
+    f[#f + 1] = 'policy'
+    f[#f + 1] = ARGV[a + 2]
   end
-  if holder then
-    out[#out + 1] = {0, snapshot(holder)}
-  else
-    local id = create_job(spec, now)
-    out[#out + 1] = {1, snapshot(id)}
+  if ARGV[a + 3] ~= '{}' then
+    f[#f + 1] = 'meta'
+    f[#f + 1] = ARGV[a + 3]
   end
+  if ARGV[a + 5] ~= '' then
+    f[#f + 1] = 'max_attempts'
+    f[#f + 1] = ARGV[a + 5]
+  end
+  if ARGV[a + 6] ~= '' then
+    f[#f + 1] = 'timeout'
+    f[#f + 1] = ARGV[a + 6]
+  end
+  local batch = nil
+  if ARGV[a + 7] ~= '' then
+    batch = string.sub(ARGV[a + 7], 2)
+    f[#f + 1] = 'batch_id'
+    f[#f + 1] = batch
+  end
+  if ARGV[a + 8] ~= '' then
+    f[#f + 1] = 'event_scope'
+    f[#f + 1] = string.sub(ARGV[a + 8], 2)
+  end
+  templates[t] = {
+    f = f, queue = queue, run_at = run_at, batch = batch, count = 0,
+    due = {}, batch_members = {},
+  }
+  a = a + 9
 end
-return out
+
+local seq = P .. ':seq'
+-- Ids are taken from the counter before the jobs are written, so that a script stopped half
+-- way (an error) can never hand out an id twice: a run of keyless jobs takes its block at once.
+local last_id = tonumber(redis.call('GET', seq) or '0')
+local first = last_id + 1
+local members = {}
+local found = {}
+local position = 0
+local nargs = #ARGV
+batched(function()
+  while a <= nargs do
+    local t, n, has_keys, has_items = string.match(ARGV[a], '^(%d+),(%d+),(%d),(%d)$')
+    local tpl = templates[tonumber(t)]
+    local f = tpl.f
+    local due = tpl.due
+    n = tonumber(n)
+    local payloads = ARGV[a + 1]
+    a = a + 2
+    local keys_at = nil
+    if has_keys == '1' then
+      keys_at = a - 1
+      a = a + n
+    end
+    local items = nil
+    if has_items == '1' then
+      items = ARGV[a]
+      a = a + 1
+    end
+    if not keys_at then
+      redis.call('INCRBY', seq, n)
+    end
+    local pos = 1
+    local item_pos = 1
+    for j = 1, n do
+      position = position + 1
+      local payload
+      local nl = string.find(payloads, '\n', pos, true)
+      if nl then
+        payload = string.sub(payloads, pos, nl - 1)
+        pos = nl + 1
+      elseif pos == 1 then
+        payload = payloads
+      else
+        payload = string.sub(payloads, pos)
+      end
+      local item = nil
+      if items then
+        local comma = string.find(items, ',', item_pos, true)
+        if comma then
+          item = string.sub(items, item_pos, comma - 1)
+          item_pos = comma + 1
+        else
+          item = string.sub(items, item_pos)
+        end
+      end
+      local key = keys_at and ARGV[keys_at + j]
+      local holder = key and live_holder(key)
+      if holder then
+        found[#found + 1] = position
+        found[#found + 1] = snapshot(holder)
+      else
+        if keys_at then
+          redis.call('INCR', seq)
+        end
+        last_id = last_id + 1
+        local id = int(last_id)
+        local member = pad(last_id)
+        local jk = P .. ':job:' .. id
+        if key and item then
+          redis.call('HSET', jk, 'id', id, 'payload', payload, 'key', key, 'item_index', item,
+            unpack(f))
+        elseif key then
+          redis.call('HSET', jk, 'id', id, 'payload', payload, 'key', key, unpack(f))
+        elseif item then
+          redis.call('HSET', jk, 'id', id, 'payload', payload, 'item_index', item, unpack(f))
+        else
+          redis.call('HSET', jk, 'id', id, 'payload', payload, unpack(f))
+        end
+        members[#members + 1] = id
+        members[#members + 1] = member
+        due[#due + 1] = tpl.run_at
+        due[#due + 1] = member
+        tpl.count = tpl.count + 1
+        if tpl.batch then
+          local bm = tpl.batch_members
+          bm[#bm + 1] = id
+          bm[#bm + 1] = member
+        end
+        if key then
+          -- At once, not batched: a later job of this call with the same key must find it.
+          redis.call('HSET', P .. ':keys', key, id)
+          redis.call('ZADD', P .. ':key:' .. key, id, member)
+        end
+      end
+    end
+  end
+end, function()
+  if #members > 0 then
+    zadd_bulk(P .. ':all', members, 128)
+    zadd_bulk(P .. ':status:pending', members, 128)
+    local counts = new_counts()
+    local wakes = {}
+    for _, tpl in ipairs(templates) do
+      if tpl.count > 0 then
+        zadd_bulk(P .. ':due:' .. tpl.queue, tpl.due, 128)
+        add_count(counts, P .. ':counts', 'pending|' .. tpl.queue, tpl.count)
+        if tpl.batch then
+          zadd_bulk(P .. ':batch:' .. tpl.batch, tpl.batch_members, 128)
+          add_count(counts, P .. ':batchcounts:' .. tpl.batch, 'pending', tpl.count)
+        end
+        wakes[tpl.queue] = (wakes[tpl.queue] or 0) + tpl.count
+      end
+    end
+    apply_counts(counts)
+    for queue, count in pairs(wakes) do
+      wake_n(queue, count)
+    end
+  end
+end)
+return {snow, first, found}

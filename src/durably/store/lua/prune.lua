@@ -25,7 +25,7 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. ':finished', '-inf', '(
     move_status(id, row[2], row[1], nil)
     redis.call('ZREM', P .. ':finished', member)
     redis.call('ZREM', P .. ':all', member)
-    redis.call('ZREM', P .. ':due:' .. row[2], member)
+    unwait(member, row[2])
     redis.call('ZREM', P .. ':leases', member)
     if row[3] then
       redis.call('ZREM', P .. ':key:' .. row[3], member)

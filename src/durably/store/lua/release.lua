@@ -17,9 +17,9 @@ for i = 2, #ARGV, 2 do
     end
     redis.call('ZREM', P .. ':leases', pad(id))
     redis.call('HDEL', jk, 'lease_token', 'lease_expires_at', 'worker_id')
-    redis.call('HSET', jk, 'attempts', left)
+    redis.call('HSET', jk, 'attempts', int(left))
     redis.call('RPOP', jk .. ':attempts')
-    redis.call('ZADD', P .. ':due:' .. queue, row[5], pad(id))
+    add_waiting(back, queue, row[5], pad(id))
     move_status(id, queue, 'running', back)
     bump(jk, now)
     wake(queue)

@@ -18,11 +18,11 @@ if status == 'pending' or status == 'retrying' then
   end
   local queue = spec.f.queue
   if queue ~= row[2] then
-    redis.call('ZREM', P .. ':due:' .. row[2], pad(holder))
+    unwait(pad(holder), row[2])
     move_status(holder, row[2], status, nil)
     redis.call('HSET', jk, 'queue', queue)
     move_status(holder, queue, nil, status)
-    redis.call('ZADD', P .. ':due:' .. queue, row[3], pad(holder))
+    add_waiting(status, queue, row[3], pad(holder))
   end
   bump(jk, now)
   wake(queue)
