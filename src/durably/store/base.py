@@ -169,7 +169,7 @@ class Store(Protocol):
     # -- producers -------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
-        """Insert jobs in one round trip where the backend allows, in order.
+        """Insert jobs in order, in one transaction and as few round trips as the backend allows.
 
         A job whose ``key`` already has a live job (pending, running, retrying) is not inserted;
         the live job is returned with ``created=False``. Keys of jobs in other statuses are free.
