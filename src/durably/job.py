@@ -47,6 +47,25 @@ class BadPayload:
     error: str
 
 
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, cheaper for the small compact documents stores read by the thousand.
+
+    ``json.loads`` spends much of a small document's time in its Python wrappers (and, for
+    bytes, encoding detection); ``raw_decode`` skips them. Anything it does not take whole
+    (surrounding whitespace, an error) goes to ``json.loads``: same value, same error.
+    """
+    if not isinstance(text, str):
+        text = bytes(text).decode()
+    try:
+        value, end = _RAW_DECODE(text)
+    except ValueError:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
 def decode_json(text: str | bytes | None) -> JSON:
     """Decode a stored JSON column; undecodable text becomes a :class:`BadPayload`.
 
@@ -55,7 +74,7 @@ def decode_json(text: str | bytes | None) -> JSON:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return loads_json(text)
     except (ValueError, TypeError) as exc:
         raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
         return BadPayload(raw=raw[:1000], error=str(exc))

@@ -63,6 +63,7 @@ from durably.job import (
     NewJob,
     Outcome,
     Status,
+    loads_json,
 )
 from durably.store import mask_url
 from durably.store.base import (
@@ -99,23 +100,13 @@ _NEXT_STATUS = 3  # where a completion item holds the job's next status
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_DECODER = json.JSONDecoder()
 _STATUS = {status.value: status for status in Status}
 
 
 def _loads(data: bytes | bytearray | memoryview | str) -> Any:
-    """psycopg's loads for json and jsonb columns on the pool's connections.
-
-    ``json.loads`` on bytes spends most of its time on encoding detection and checks; PostgreSQL
-    sends UTF-8 and jsonb prints no surrounding whitespace, so ``raw_decode`` does the work at a
-    fraction of the cost. Anything else (whitespace kept in a json column) takes ``json.loads``.
-    """
-    text = data if isinstance(data, str) else bytes(data).decode()
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except ValueError:
-        return json.loads(text)
-    return value if end == len(text) else json.loads(text)
+    """psycopg's loads for json and jsonb columns on the pool's connections (PostgreSQL sends
+    UTF-8, and jsonb prints no surrounding whitespace)."""
+    return loads_json(data if isinstance(data, str) else bytes(data))
 
 
 def _json(value: Any, what: str) -> str:

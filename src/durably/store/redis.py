@@ -84,6 +84,7 @@ from durably.job import (
     NewJob,
     Outcome,
     Status,
+    loads_json,
 )
 from durably.store import mask_url
 from durably.store.base import (
@@ -197,16 +198,7 @@ def _pairs(flat: Sequence[Any]) -> dict[str, str]:
 _STATUSES: Mapping[str, Status] = {s.value: s for s in Status}
 
 
-_RAW_DECODE = json.JSONDecoder().raw_decode
-
-
-def _loads(text: str) -> Any:
-    """``json.loads``, cheaper for the small documents a store reads by the thousand."""
-    try:
-        value, end = _RAW_DECODE(text)
-    except ValueError:
-        return json.loads(text)  # the same error, or surrounding whitespace
-    return value if end == len(text) else json.loads(text)
+_loads = loads_json
 
 
 _JOB_FIELDS = (

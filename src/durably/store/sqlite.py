@@ -60,6 +60,7 @@ from durably.job import (
     Outcome,
     Status,
     decode_json,
+    loads_json,
 )
 from durably.store.base import (
     ActionRequest,
@@ -124,33 +125,8 @@ class _Encoder:
             raise
 
 
-_ScanOnce = Callable[[str, int], tuple[Any, int]]
-# The C scanner behind json.loads (not in the type stubs): (value, end) of the JSON at an index.
-_scan: _ScanOnce = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-def _loads(text: str) -> Any:
-    """``json.loads``, skipping its Python wrappers for the compact text this store writes."""
-    try:
-        value, end = _scan(text, 0)
-        if end == len(text):
-            return value
-    except (StopIteration, ValueError, TypeError):
-        pass
-    return json.loads(text)  # anything else: decoded (or refused) exactly as json.loads does
-
-
-def _decode(text: str | None) -> Any:
-    """``decode_json`` (a bad payload becomes a ``BadPayload``), fast for well-formed text."""
-    if text is None:
-        return None
-    try:
-        value, end = _scan(text, 0)
-        if end == len(text):
-            return value
-    except (StopIteration, ValueError, TypeError):
-        pass
-    return decode_json(text)
+_loads = loads_json
+_decode = decode_json
 
 
 class _Mappings:
