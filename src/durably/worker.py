@@ -228,6 +228,7 @@ class Worker:
         if not self._stop.is_set():
             log.info("worker %s stopping: no new claims", self.worker_id)
         self._stop.set()
+        self._slot_free.set()
 
     @property
     def store(self) -> Store:
@@ -334,7 +335,10 @@ class Worker:
             self._slot_free.clear()  # before measuring room, so a freed slot is never missed
             room = self._room()
             if room <= 0:
-                await self._until(self._slot_free.wait(), None)
+                # A plain wait (stop() sets it too): going through _until() took the fetcher
+                # several loop turns to wake, by which time the runners had drained the whole
+                # prefetch and sat idle through the next claim's round trip.
+                await self._slot_free.wait()
                 continue
             limit = min(room, self.batch_size)
             try:
@@ -537,7 +541,10 @@ class Worker:
             return
         outcome = completion.outcome
         self.stats[outcome.value] += 1
-        level = logging.INFO if outcome is Outcome.SUCCEEDED else logging.WARNING
+        # A retry is routine (the policy is doing its job) and so is a cancel an operator asked
+        # for; a dead letter needs someone's attention. Logging retries as warnings also cost a
+        # retry-heavy worker a sixth of its CPU at the usual WARNING level.
+        level = logging.WARNING if outcome is Outcome.DEAD_LETTER else logging.INFO
         if log.isEnabledFor(level):
             log.log(
                 level,

@@ -4,6 +4,7 @@ rescue, graceful stop and the jobs it cannot run."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from collections import Counter
@@ -408,6 +409,31 @@ async def test_a_failing_job_is_retried_when_due_and_recorded_per_attempt(
     done = await clocked.get_async(job.id)
     assert (done.status, done.attempts, done.result) == (Status.SUCCEEDED, 2, "ok")
     assert [a.outcome for a in await clocked.attempts_async(job.id)] == ["failed", "succeeded"]
+
+
+async def test_retries_are_logged_as_info_and_dead_letters_as_warnings(
+    clocked: Durably, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Operators alert on warnings: a retry is the policy doing its job, a dead letter is not.
+    @clocked.operation("doomed", policy=RetryPolicy(max_attempts=2, initial=60, jitter="none"))
+    async def doomed(payload: JSON) -> None:
+        raise ConnectionError("still down")
+
+    caplog.set_level(logging.INFO, logger="durably.worker")
+    job = await clocked.enqueue_async("doomed", {})
+    await bounded(quick_worker(clocked).run())
+    clock.advance(60)
+    await bounded(quick_worker(clocked).run())
+
+    assert (await clocked.get_async(job.id)).status is Status.DEAD_LETTER
+    endings = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "durably.worker" and f"job {job.id} attempt" in r.getMessage()
+    ]
+    assert [level for level, _ in endings] == [logging.INFO, logging.WARNING], endings
+    assert "retry (transient: still down), next in 60.00s" in endings[0][1]
+    assert "dead_letter" in endings[1][1]
 
 
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
