@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import re
 import threading
@@ -37,6 +36,7 @@ from durably.job import (
     JobFilter,
     NewJob,
     Status,
+    dumps_json,
 )
 from durably.policy import RetryPolicy
 from durably.store import Store, from_url
@@ -52,8 +52,6 @@ F = TypeVar("F", bound=Handler)
 DEFAULT_URL = "sqlite:///durably.db"
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
-# One encoder for every payload check: json.dumps with options builds a new encoder per call.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> str:
@@ -393,11 +391,45 @@ class Durably:
         result: list[EnqueueResult] = await method(connection, jobs)
         return result
 
+    def _new_jobs(self, specs: Iterable[Mapping[str, Any]]) -> list[NewJob]:
+        """:meth:`_new_job` for each spec. Specs naming only a handler and a payload (the usual
+        bulk enqueue) share one checked template per handler: only the payload is checked and
+        encoded per job, which more than halves the per-job cost of a big ``enqueue_many``."""
+        jobs: list[NewJob] = []
+        templates: dict[str | Handler, NewJob] = {}
+        for spec in specs:
+            handler = spec.get("handler")
+            if handler is None or len(spec) > (2 if "payload" in spec else 1):
+                jobs.append(self._new_job(**dict(spec)))
+                continue
+            template = templates.get(handler)
+            if template is None:
+                template = templates[handler] = self._new_job(handler)
+            payload = spec.get("payload")
+            jobs.append(
+                NewJob(
+                    template.handler,
+                    payload,
+                    template.queue,
+                    None,
+                    template.max_attempts,
+                    template.policy,
+                    template.delay,
+                    template.timeout,
+                    None,
+                    None,
+                    None,
+                    {},
+                    _check_payload(payload, self.max_payload_bytes, "payload"),
+                )
+            )
+        return jobs
+
     async def enqueue_many_async(
         self, specs: Iterable[Mapping[str, Any]], *, connection: Any = None
     ) -> list[Job]:
         """Store many jobs in one round trip; each spec holds :meth:`enqueue` arguments."""
-        jobs = [self._new_job(**dict(spec)) for spec in specs]
+        jobs = self._new_jobs(specs)
         if connection is not None:
             return [r.job for r in await self._enqueue_with_async(connection, jobs)]
         return [r.job for r in await self._enqueue_new(jobs)]
@@ -406,7 +438,7 @@ class Durably:
         self, specs: Iterable[Mapping[str, Any]], *, connection: Any = None
     ) -> list[Job]:
         """Synchronous :meth:`enqueue_many_async`."""
-        jobs = [self._new_job(**dict(spec)) for spec in specs]
+        jobs = self._new_jobs(specs)
         if connection is not None:
             return [r.job for r in self._enqueue_with(connection, jobs)]
         return [r.job for r in self._sync(self._enqueue_new(jobs))]
@@ -855,11 +887,13 @@ class Durably:
 def _check_payload(value: JSON, limit: int, what: str) -> str:
     """``value`` as compact JSON, or :class:`PayloadError` when it is not JSON or too large."""
     try:
-        encoded = _ENCODE(value)
+        encoded = dumps_json(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(
             f"{what} must be JSON (dict, list, str, number, bool, None): {exc}"
         ) from exc
+    except RecursionError as exc:
+        raise PayloadError(f"{what} is circular or nested too deeply to be JSON") from exc
     # A character is at most 4 bytes of UTF-8: most payloads need no byte count at all.
     if len(encoded) * 4 > limit and len(size := encoded.encode()) > limit:
         raise PayloadError(f"{what} is {len(size)} bytes encoded; the limit is {limit} bytes")

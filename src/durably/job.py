@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -64,6 +64,43 @@ def loads_json(text: str | bytes) -> Any:
     except ValueError:
         return json.loads(text)
     return value if end == len(text) else json.loads(text)
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """Compact, ASCII-only JSON that refuses NaN and infinities: the payload encoding.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, most of the cost of encoding
+    a small payload; this one is built once. It keeps no circular-reference markers (shared
+    markers would make it unsafe across threads): a circular or absurdly deep value raises
+    ``RecursionError`` instead.
+    """
+    plain = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return plain.encode
+    encode = make(
+        None,  # markers
+        plain.default,
+        json.encoder.encode_basestring_ascii,
+        None,  # indent
+        ":",
+        ",",
+        False,  # sort_keys
+        False,  # skipkeys
+        False,  # allow_nan
+    )
+    join = "".join
+
+    def dumps(value: Any) -> str:
+        return join(encode(value, 0))
+
+    return dumps
+
+
+dumps_json: Callable[[Any], str] = _json_encoder()
+"""``json.dumps(value, separators=(",", ":"), allow_nan=False)``, several times cheaper for
+small values; raises ``TypeError``/``ValueError`` like it, and ``RecursionError`` for a
+circular value (where ``json.dumps`` raises ``ValueError``)."""
 
 
 def decode_json(text: str | bytes | None) -> JSON:

@@ -67,6 +67,50 @@ def test_an_unknown_handler_is_refused_by_a_strict_app(app: Durably, tmp_path: P
             lenient.enqueue("bad name!", {})  # still must be a valid name
 
 
+def test_enqueue_many_builds_what_enqueue_builds(app: Durably) -> None:
+    # Handler-and-payload specs share one checked template per handler; the jobs must be
+    # exactly those enqueue() would write, and every payload is still checked on its own.
+    slow = RetryPolicy(max_attempts=7, initial=5.0, initial_delay=2.0, timeout=9.0)
+
+    @app.operation("mail", queue="outbox", policy=slow)
+    def mail(payload: JSON) -> None:
+        """A second operation with its own queue and policy."""
+
+    many = app.enqueue_many(
+        [
+            {"handler": "send", "payload": {"i": 1}},
+            {"handler": "mail"},
+            {"handler": send_handler(app), "payload": [2]},
+            {"handler": "mail", "payload": "x", "queue": "other"},
+        ]
+    )
+    one = [
+        app.enqueue("send", {"i": 1}),
+        app.enqueue("mail"),
+        app.enqueue("send", [2]),
+        app.enqueue("mail", "x", queue="other"),
+    ]
+    fields = ("handler", "payload", "queue", "max_attempts", "policy", "timeout", "meta")
+    assert [[getattr(j, f) for f in fields] for j in many] == [
+        [getattr(j, f) for f in fields] for j in one
+    ]
+    delays = [(j.run_at - j.created_at).total_seconds() for j in many]
+    assert delays[1] == pytest.approx(2.0)
+    assert delays[0] == 0.0
+
+    with pytest.raises(PayloadError, match="must be JSON"):
+        app.enqueue_many([{"handler": "send", "payload": {}}, {"handler": "send", "payload": {1}}])
+    with pytest.raises(PayloadError, match="the limit is 1000 bytes"):
+        app.enqueue_many([{"handler": "send", "payload": "x" * 1000}])
+    with pytest.raises(UnknownHandler):
+        app.enqueue_many([{"handler": "nope"}])
+    assert len(app.jobs()) == 8  # the refused batches wrote nothing
+
+
+def send_handler(app: Durably) -> object:
+    return app.operations["send"].fn
+
+
 def test_enqueue_by_key_is_idempotent(app: Durably) -> None:
     first = app.enqueue("send", {"n": 1}, key="order-1")
     again = app.enqueue("send", {"n": 2}, key="order-1")
