@@ -411,6 +411,29 @@ async def test_a_failing_job_is_retried_when_due_and_recorded_per_attempt(
     assert [a.outcome for a in await clocked.attempts_async(job.id)] == ["failed", "succeeded"]
 
 
+async def test_a_claimed_job_starts_before_the_worker_reads_the_schedule(app: Durably) -> None:
+    # The idle path's store round trip must not sit between a claim and the handler's start.
+    started: list[int] = []
+    started_when_read: list[list[int]] = []
+
+    @app.operation("mark")
+    async def mark(payload: JSON) -> None:
+        started.append(int(payload["i"]))
+
+    store = await app.store_async()
+    read_schedule = store.next_due_in
+
+    async def spying(queues: Sequence[str]) -> float | None:
+        started_when_read.append(list(started))
+        return await read_schedule(queues)
+
+    store.next_due_in = spying  # type: ignore[method-assign]
+    await app.enqueue_async("mark", {"i": 1})
+    await bounded(quick_worker(app).run())
+
+    assert started_when_read[0] == [1]
+
+
 async def test_retries_are_logged_as_info_and_dead_letters_as_warnings(
     clocked: Durably, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
