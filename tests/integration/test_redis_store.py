@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -27,7 +28,7 @@ from durably.events import batch_payload, processed_payload
 from durably.job import Action, Completion, JobFilter, NewJob, Outcome, Status
 from durably.store import from_url
 from durably.store.base import ActionRequest, ClaimRequest, Lease, Store
-from durably.store.redis import SCRIPTS, RedisStore
+from durably.store.redis import _DRAFT_SLICE, SCRIPTS, RedisStore
 from durably.testing import FakeClock
 
 pytestmark = pytest.mark.redis
@@ -597,3 +598,67 @@ async def test_the_url_can_name_the_prefix(redis_url: str) -> None:
     finally:
         await store.drop_namespace()
         await store.close()
+
+
+async def test_a_large_enqueue_returns_what_a_read_returns(open_store: OpenStore) -> None:
+    """Large enqueues draft their results while the script runs and complete them from the
+    reply: ids, times and the live jobs their keys found must still match what reads return."""
+    store = await open_store()
+    [held] = await store.enqueue([NewJob("h", {"old": True}, key="k-held")])
+    policy = {"max_attempts": 3, "initial": 1.0, "jitter": "full", "fixed": None}
+    nested = {"retry_on": ["ValueError"], "n": 1}
+    jobs = []
+    for i in range(3 * _DRAFT_SLICE + 7):
+        payload = {"i": i, "text": 'Zoë ✓ 😀 \n\t"q"', "n": 2**60} if i % 3 else [i, None]
+        jobs.append(
+            NewJob(
+                "h" if i % 2 else "other",
+                payload,
+                key=f"k-{i} ü/{{x}}" if i % 5 == 0 else None,
+                policy=policy if i % 4 else nested,
+                meta={"request": f"r{i}"} if i % 7 == 0 else {},
+                delay=0.5 if i % 11 == 0 else 0.0,
+                item_index=i if i % 13 == 0 else None,
+                batch_id="b1" if i % 17 == 0 else None,
+                # Taken as it is unless it could break the newline-joined payloads.
+                payload_json=json.dumps(payload, indent=1) if i % 9 == 0 else None,
+            )
+        )
+    jobs[100] = replace(jobs[100], key="k-held")
+    jobs[200] = replace(jobs[200], key="k-0 ü/{x}")  # the first job's key, held by it by then
+    results = await store.enqueue(jobs)
+    assert [r.created for r in results].count(False) == 2
+    assert not results[100].created
+    assert results[100].job == held.job
+    assert not results[200].created
+    assert results[200].job.id == results[0].job.id
+    created = [r.job for r in results if r.created]
+    assert [j.id for j in created] == list(range(held.job.id + 1, held.job.id + 1 + len(created)))
+    for result, job in zip(results, jobs, strict=True):
+        assert result.job == await store.get(result.job.id)
+        if result.created:
+            assert (result.job.payload, result.job.key) == (
+                json.loads(json.dumps(job.payload)),
+                job.key,
+            )
+    # Every job has its own copy of its policy and meta, flat or nested.
+    flat = [j for j in created if j.policy == policy]
+    deep = [j for j in created if j.policy == nested]
+    flat[0].policy["max_attempts"] = 99
+    deep[0].policy["retry_on"].append("KeyError")
+    flat[0].meta["x"] = 1
+    assert flat[1].policy == policy
+    assert deep[1].policy == nested
+    assert flat[1].meta.get("x") is None
+
+
+async def test_a_policy_changed_in_place_is_encoded_again(open_store: OpenStore) -> None:
+    store = await open_store()
+    policy: dict[str, Any] = {"max_attempts": 3, "initial": 1}
+    [first] = await store.enqueue([NewJob("h", None, policy=policy)])
+    policy["initial"] = 1.0  # equal, but it encodes differently
+    [second] = await store.enqueue([NewJob("h", None, policy=policy)])
+    policy["initial"] = 2
+    [third] = await store.enqueue([NewJob("h", None, policy=policy)])
+    got = [(await store.get(r.job.id)).policy["initial"] for r in (first, second, third)]
+    assert [(v, type(v)) for v in got] == [(1, int), (1.0, float), (2, int)]

@@ -46,7 +46,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from json.encoder import encode_basestring_ascii
@@ -125,6 +125,9 @@ SCRIPTS = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 _PAGE = 200
+_DRAFT_SLICE = 256
+"""Larger enqueues draft their results in slices of this many jobs while the script runs; an
+event-loop turn between slices costs little next to a slice."""
 _PRUNE_BATCH = 500
 
 
@@ -168,6 +171,9 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 call. Its output is ASCII and never holds a raw newline, which enqueue.lua relies on."""
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _dumps(value: JSON, what: str) -> str:
     try:
         return _ENCODE(value)
@@ -175,9 +181,43 @@ def _dumps(value: JSON, what: str) -> str:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
+_FLAT_OBJECTS: dict[str, dict[str, Any]] = {}
+
+
 def _object(text: str) -> Any:
-    """A stored JSON object (policy, meta); the common empty one without the parser."""
-    return {} if text == "{}" else _loads(text)
+    """A stored JSON object (policy, meta), unshared. The few distinct policies (snapshots of
+    scalars) are parsed once: a copy of the cached value is cheaper than parsing again."""
+    if text == "{}":
+        return {}
+    found = _FLAT_OBJECTS.get(text)
+    if found is not None:
+        return found.copy()
+    value = _loads(text)
+    if type(value) is dict and all(type(v) in _SCALARS for v in value.values()):
+        if len(_FLAT_OBJECTS) >= 256:
+            _FLAT_OBJECTS.clear()
+        _FLAT_OBJECTS[text] = value.copy()
+    return value
+
+
+_ENCODED: dict[int, tuple[Mapping[str, JSON], tuple[Any, ...], tuple[type, ...], str]] = {}
+
+
+def _encode_object(value: Mapping[str, JSON], what: str) -> str:
+    """A policy or meta as JSON text. Enqueues pass the same policy snapshot again and again: a
+    flat one is encoded once, and its text reused while the mapping holds the same items (in
+    order, of the same types: ``1 == 1.0`` but their JSON differs)."""
+    items = tuple(value.items())
+    types = tuple(map(type, value.values()))
+    known = _ENCODED.get(id(value))
+    if known is not None and known[0] is value and known[1] == items and known[2] == types:
+        return known[3]
+    text = _dumps(dict(items), what)
+    if all(t in _SCALARS for t in types):
+        if len(_ENCODED) >= 256:
+            _ENCODED.clear()
+        _ENCODED[id(value)] = (value, items, types, text)
+    return text
 
 
 def _text(value: str | None) -> str | None:
@@ -315,13 +355,12 @@ class _Template:
     event_scope: str | None
     number: int = 0
     """Its place in the script's arguments, from 1."""
-    # Filled in by _Enqueue.results: what the template's created jobs share.
+    # Filled in by _Enqueue.draft: what the template's created jobs share.
     jobs: int = 0
-    run_at: datetime = _EPOCH
     max_attempts_value: int | None = None
     timeout_value: float | None = None
-    policies: list[Any] | None = None
-    metas: list[Any] | None = None
+    policy_copy: Callable[[], Any] = dict
+    meta_copy: Callable[[], Any] = dict
 
     def args(self) -> list[str | int]:
         return [
@@ -336,18 +375,22 @@ class _Template:
             "" if self.event_scope is None else "=" + self.event_scope,
         ]
 
-    def prepare(self, now_us: int) -> None:
-        self.run_at = _EPOCH + timedelta(microseconds=now_us + self.delay_us)
+    def prepare(self) -> None:
         self.max_attempts_value = _opt_int(self.max_attempts)
         self.timeout_value = _opt_float(self.timeout)
-        self.policies = self._copies(self.policy)
-        self.metas = self._copies(self.meta)
+        self.policy_copy = self._copier(self.policy)
+        self.meta_copy = self._copier(self.meta)
 
-    def _copies(self, text: str) -> list[Any] | None:
-        """A decoded copy of ``text`` (policy or meta) per job, in one parse; None for ``{}``."""
+    def _copier(self, text: str) -> Callable[[], Any]:
+        """Makes a decoded, unshared copy of ``text`` (policy or meta) per call: a shallow copy
+        when nothing in it is mutable (a policy snapshot), else one of ``jobs`` copies decoded in
+        one parse."""
         if text == "{}":
-            return None
-        return list(json.loads("[" + ",".join([text] * self.jobs) + "]"))
+            return dict
+        value = _object(text)
+        if text in _FLAT_OBJECTS:
+            return value.copy  # type: ignore[no-any-return]
+        return list(_loads("[" + ",".join([text] * self.jobs) + "]")).pop
 
 
 class _Enqueue:
@@ -370,7 +413,7 @@ class _Enqueue:
             # Bulk enqueues share one policy snapshot: encode it once per call.
             known = texts.get(id(value))
             if known is None or known[0] is not value:
-                known = (value, _dumps(dict(value), what))
+                known = (value, _encode_object(value, what))
                 texts[id(value)] = known
             return known[1]
 
@@ -418,7 +461,12 @@ class _Enqueue:
                 if run is not None:
                     self._add_run(run, start, keys, items)
                 run, start, keys, items = this_run, len(self.payloads), [], []
-            self.payloads.append(_dumps(job.payload, "payload"))
+            encoded = job.payload_json
+            # The runs' payloads are joined by newlines: only compact JSON text can be taken
+            # as it is.
+            if encoded is None or "\n" in encoded:
+                encoded = _dumps(job.payload, "payload")
+            self.payloads.append(encoded)
             if key is not None:
                 keys.append(key)
             if item is not None:
@@ -445,50 +493,86 @@ class _Enqueue:
             args += template.args()
         return args + self.runs
 
-    def results(self, reply: Sequence[Any]) -> list[EnqueueResult]:
-        now_text, first_id, found = reply
-        now_us = int(now_text)
-        now = _dt(now_text)
-        existing = {int(found[i]): str(found[i + 1]) for i in range(0, len(found), 2)}
+    def draft(self) -> Iterator[list[EnqueueResult]]:
+        """The results as if every job was created, all but what the reply tells (id, times),
+        in slices of ``_DRAFT_SLICE`` jobs: drafted while the script runs, completed by
+        :meth:`finish`."""
         # Decoded copies, as a read would return them; one parse for the whole call.
-        payloads = json.loads("[" + ",".join(self.payloads) + "]")
+        payloads = _loads("[" + ",".join(self.payloads) + "]")
         for template in self.templates:
             template.jobs = 0
         for template, _key, _item in self.rows:
             template.jobs += 1
         for template in self.templates:
-            template.prepare(now_us)
+            template.prepare()
         pending = Status.PENDING
-        next_id = int(first_id)
-        out: list[EnqueueResult] = []
-        for position, (template, key, item) in enumerate(self.rows, 1):
-            policies, metas = template.policies, template.metas
-            if existing and position in existing:
-                out.append(EnqueueResult(_job(_loads(existing[position])), False))
-                continue
-            job = Job(  # positional: see _JOB_FIELDS
-                next_id,
-                template.queue,
-                template.handler,
-                payloads[position - 1],
-                pending,
-                0,
-                template.max_attempts_value,
-                {} if policies is None else policies.pop(),
-                template.run_at,
-                1,
-                now,
-                now,
-                key,
-                template.timeout_value,
-                template.batch_id,
-                None if item is None else int(item),
-                template.event_scope,
-                {} if metas is None else metas.pop(),
+        rows = self.rows
+        for start in range(0, len(rows), _DRAFT_SLICE):
+            stop = start + _DRAFT_SLICE
+            yield [
+                EnqueueResult(
+                    Job(  # positional: see _JOB_FIELDS
+                        0,
+                        template.queue,
+                        template.handler,
+                        payload,
+                        pending,
+                        0,
+                        template.max_attempts_value,
+                        template.policy_copy(),
+                        _EPOCH,
+                        1,
+                        _EPOCH,
+                        _EPOCH,
+                        key,
+                        template.timeout_value,
+                        template.batch_id,
+                        None if item is None else int(item),
+                        template.event_scope,
+                        template.meta_copy(),
+                    ),
+                    True,
+                )
+                for (template, key, item), payload in zip(
+                    rows[start:stop], payloads[start:stop], strict=True
+                )
+            ]
+
+    def finish(self, reply: Sequence[Any], draft: list[EnqueueResult]) -> list[EnqueueResult]:
+        """The results: ``draft`` with the ids and times of the reply, and the jobs that live
+        keys held instead of the drafts that were not created."""
+        now_text, first_id, found = reply
+        now_us = int(now_text)
+        now = _dt(now_text)
+        for position in range(0, len(found), 2):
+            draft[int(found[position]) - 1] = EnqueueResult(
+                _job(_loads(str(found[position + 1]))), False
             )
-            out.append(EnqueueResult(job, True))
-            next_id += 1
-        return out
+        run_at = {id(t): _dt(str(now_us + t.delay_us)) for t in self.templates}
+        next_id = int(first_id)
+        set_id, set_run_at, set_created, set_updated = _DRAFT_SETTERS
+        # The drafts are not out yet: completing them in place is cheaper than building anew.
+        for (template, _key, _item), result in zip(self.rows, draft, strict=True):
+            if result.created:
+                job = result.job
+                set_id(job, next_id)
+                set_run_at(job, run_at[id(template)])
+                set_created(job, now)
+                set_updated(job, now)
+                next_id += 1
+        return draft
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Marks an abandoned task's outcome as seen (else asyncio logs it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+_DRAFT_SETTERS = tuple(
+    Job.__dict__[name].__set__ for name in ("id", "run_at", "created_at", "updated_at")
+)
+"""Slot setters of the fields :meth:`_Enqueue.finish` completes (Job is frozen to its users)."""
 
 
 _OUTCOME_CODES: Mapping[str, str] = {
@@ -539,30 +623,58 @@ def _completion_args(c: Completion) -> list[str | int]:
 
 class _Claimed:
     """A claimed job from the fields claim.lua read before claiming it, with the claim's writes
-    (the same as the script's) applied: cheaper than reading the hash back."""
+    (the same as the script's: see there) applied: cheaper than reading the hash back."""
 
-    __slots__ = ("changes", "now")
+    __slots__ = ("expires", "now", "worker_id")
 
     def __init__(self, now: str, worker_id: str, expires: str) -> None:
-        self.now = now
-        self.changes = {
-            "status": Status.RUNNING.value,
-            "updated_at": now,
-            "worker_id": worker_id,
-            "lease_expires_at": expires,
-        }
+        self.now = _dt(now)
+        self.worker_id = worker_id
+        self.expires = _dt(expires)
 
-    def job(self, doc: str, token: str) -> Job:
-        flat = iter(_loads(doc))
+    def job(self, row: Sequence[str], token: str) -> Job:
+        flat = iter(row)
         fields = dict(zip(flat, flat, strict=True))
-        fields.update(self.changes)
-        fields["lease_token"] = token
-        fields["attempts"] = str(int(fields["attempts"]) + 1)
-        fields["version"] = str(int(fields["version"]) + 1)
-        fields.setdefault("first_attempt_at", self.now)
-        if "cancel_requested" in fields:
-            fields["cancel_requested"] = "0"
-        return _job(fields)
+        g = fields.get
+        max_attempts = g("max_attempts")
+        timeout = g("timeout")
+        item_index = g("item_index")
+        first_attempt_at = g("first_attempt_at")
+        finished_at = g("finished_at")
+        result = g("result")
+        now = self.now
+        return Job(  # positional: see _JOB_FIELDS; as _job() would read the claimed hash
+            int(fields["id"]),
+            fields["queue"],
+            fields["handler"],
+            _loads(fields["payload"]),
+            Status.RUNNING,
+            int(fields["attempts"]) + 1,
+            None if max_attempts is None else int(max_attempts),
+            _object(g("policy", "{}")),
+            _dt(fields["run_at"]),
+            int(fields["version"]) + 1,
+            _dt(fields["created_at"]),
+            now,
+            g("key"),
+            None if timeout is None else float(timeout),
+            g("batch_id"),
+            None if item_index is None else int(item_index),
+            g("event_scope"),
+            _object(g("meta", "{}")),
+            self.worker_id,
+            token,
+            self.expires,
+            False,
+            now if first_attempt_at is None else _dt(first_attempt_at),
+            None if finished_at is None else _dt(finished_at),
+            g("classification"),
+            g("last_error"),
+            g("last_error_type"),
+            None if result is None else _loads(result),
+            g("operator"),
+            g("operator_notes"),
+        )
 
 
 def _load_script(name: str) -> str:
@@ -681,7 +793,15 @@ class RedisStore:
 
     async def _run(self, name: str, args: Sequence[str | int]) -> Any:
         self.script_calls[name] += 1
-        return await self._scripts[name](keys=[self._root], args=list(args))
+        script = self._scripts[name]
+        client = self._redis
+        # EVALSHA directly rather than through AsyncScript.__call__, whose per-call overhead
+        # shows in the latency of single-job calls; a flushed script cache is handled alike.
+        try:
+            return await client.evalsha(script.sha, 1, self._root, *args)
+        except redis_errors.NoScriptError:
+            script.sha = await client.script_load(script.script)
+            return await client.evalsha(script.sha, 1, self._root, *args)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -796,9 +916,28 @@ class RedisStore:
         if not jobs:
             return []
         call = _Enqueue(jobs)
+        args = call.args(self._now_arg())
+        draft: list[EnqueueResult] = []
         async with self._errors("enqueueing"):
-            reply = await self._run("enqueue", call.args(self._now_arg()))
-        return call.results(reply)
+            if len(jobs) <= _DRAFT_SLICE:
+                reply = await self._run("enqueue", args)
+                for part in call.draft():
+                    draft += part
+            else:
+                # The script runs on the server while the results are drafted here, a slice at a
+                # time: each pause lets the call's task on until it has sent the script.
+                running = asyncio.ensure_future(self._run("enqueue", args))
+                try:
+                    for part in call.draft():
+                        await asyncio.sleep(0)
+                        draft += part
+                except BaseException:
+                    running.cancel()
+                    # Should it fail as well, this error supersedes its own: mark that one seen.
+                    running.add_done_callback(_retrieve)
+                    raise
+                reply = await running
+        return call.finish(reply, draft)
 
     async def upsert(self, job: NewJob) -> EnqueueResult:
         """Enqueue by key, or replace the live (not running) job's payload, meta and policy."""
@@ -834,7 +973,7 @@ class RedisStore:
         now = reply[0]
         expires = str(int(now) + lease_us)
         attempt = _Claimed(now, request.worker_id, expires)
-        return [attempt.job(doc, tokens[32 * k : 32 * k + 32]) for k, doc in enumerate(reply[1:])]
+        return [attempt.job(row, tokens[32 * k : 32 * k + 32]) for k, row in enumerate(reply[1:])]
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
         """Extend the leases still held; report which were renewed and which should cancel."""

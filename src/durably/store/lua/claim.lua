@@ -3,8 +3,9 @@
 -- ARGV: now, worker_id, limit, lease_us, batch_id ('' for any), due_only ('1'/'0'),
 --       number of queues, the queues, then the lease tokens: limit tokens of 32 characters,
 --       concatenated.
--- Returns {now, then each claimed job's fields as they were before the claim, as a JSON array
--- (name, value, name, value, ...)}, in claim order; the k-th claimed job holds the k-th token.
+-- Returns {now, then each claimed job's fields as they were before the claim, as HGETALL returns
+-- them (name, value, name, value, ...)}, in claim order; the k-th claimed job holds the k-th
+-- token. (Returned as they are, the fields cost both sides less than as one JSON text.)
 local now = now_us(ARGV[1])
 local snow = int(now)
 local worker = ARGV[2]
@@ -133,7 +134,7 @@ local function take(member, queue, from_retry)
     add_count(counts, bkey, 'running', 1)
   end
   redis.call('RPUSH', ak, '{"job_id":"' .. id .. '","number":"' .. number .. row_mid)
-  out[claimed + 1] = cjson.encode(flat)
+  out[claimed + 1] = flat
 end
 
 local function take_all(candidates, from_retry)
