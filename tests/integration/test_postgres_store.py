@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 from conftest import unique_name
-from durably.errors import ConfigError, SchemaTooNew, StoreUnavailable
+from durably.errors import ConfigError, PayloadError, SchemaTooNew, StoreUnavailable
 from durably.job import Completion, NewJob, Outcome, Status
 from durably.store import from_url
 from durably.store.base import ClaimRequest
-from durably.store.postgres import PostgresStore
+from durably.store.postgres import PostgresStore, _job_rows
 from durably.store.sqlfiles import load_migrations
 
 pytestmark = pytest.mark.postgres
@@ -551,3 +551,127 @@ async def test_a_claim_over_several_queues_takes_the_oldest_first_once_each(
     assert [j.id for j in claimed] == [r.job.id for r in made[:3]]
     rest = await store.claim(ClaimRequest(["a", "b", "a"], "w", 10, 30))
     assert [j.id for j in rest] == [made[3].job.id]
+
+
+# -- hot paths ------------------------------------------------------------------------------
+
+
+async def test_bulk_enqueue_returns_exactly_what_get_reads(store: PostgresStore) -> None:
+    # Over the COPY threshold, with several shapes: the jobs are built from templates, not read
+    # back, so each must still equal the stored row, with its own policy and meta objects.
+    shared = {"initial": 1.0, "jitter": "full"}
+    batch = [
+        NewJob(
+            "h" if i % 3 else "g",
+            {"i": i, "x": [i, 1.5]},
+            queue="a" if i % 2 else "b",
+            max_attempts=None if i % 4 else 3,
+            policy=shared if i % 5 else {"cap": 60},
+            delay=0.0 if i % 7 else 1.25,
+            timeout=None if i % 6 else 2.5,
+            batch_id=None if i % 3 else "b1",
+            item_index=None if i % 3 else i,
+            event_scope=None if i % 8 else "s",
+            meta={} if i % 2 else {"trace": {"id": i}},
+        )
+        for i in range(64)
+    ]
+    results = await store.enqueue(batch)
+    for result in results:
+        assert result.created
+        assert result.job == await store.get(result.job.id)
+    first, second = results[1].job, results[2].job
+    assert first.policy == second.policy
+    assert first.policy is not second.policy  # unshared: one job's copy is its own
+
+
+async def test_jobs_are_read_whatever_the_column_list(store: PostgresStore) -> None:
+    claim = ClaimRequest(["default"], "w", 10, 30)
+    for i in range(12):  # enough for the statements to be prepared and their readers cached
+        await store.enqueue([NewJob("h", {"i": i})])
+        assert len(await store.claim(claim)) == 1
+    async with store._connection("test") as conn:
+        await conn.execute("ALTER TABLE jobs ADD COLUMN extra text DEFAULT 'x'")
+    [made] = await store.enqueue([NewJob("h", {"i": 99}, meta={"m": 1})])
+    [claimed] = await store.claim(claim)
+    assert claimed.id == made.job.id
+    assert (claimed.payload, claimed.meta, claimed.status) == ({"i": 99}, {"m": 1}, Status.RUNNING)
+    assert claimed == await store.get(made.job.id)
+    # Columns in another order are read by name, not by position.
+    async with store._connection("test") as conn:
+        names = [c.name for c in (await conn.execute("SELECT * FROM jobs LIMIT 0")).description]
+        reordered = psycopg.sql.SQL("SELECT {} FROM jobs WHERE id = %s").format(
+            psycopg.sql.SQL(", ").join(psycopg.sql.Identifier(n) for n in reversed(names))
+        )
+        cur = conn.cursor(row_factory=_job_rows)
+        await cur.execute(reordered, [made.job.id])
+        assert await cur.fetchall() == [claimed]
+
+
+async def test_claim_and_schedule_reads_settle_on_one_generic_plan(make: StoreFactory) -> None:
+    # Planning these costs more than running them: their estimates must not depend on the
+    # parameters, so the server keeps one generic plan after its first five custom ones.
+    store = make(min_size=1, max_size=1)
+    await store.open()
+    await store.enqueue(jobs(40))
+    for limit in [1, 2, 3, 1, 5, 1, 2, 1, 4, 1, 3, 1, 2, 1, 1]:
+        assert len(await store.claim(ClaimRequest(["default", "other"], "w", limit, 30))) == limit
+        assert await store.next_due_in(["default", "other"]) == 0.0
+    async with store._connection("test") as conn:
+        cur = await conn.execute(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+        )
+        plans = {
+            ("claim" if "SKIP LOCKED" in row["statement"] else "next_due"): (
+                row["generic_plans"],
+                row["custom_plans"],
+            )
+            for row in await cur.fetchall()
+            if "SKIP LOCKED" in row["statement"] or "min(n.run_at)" in row["statement"]
+        }
+    # psycopg prepares next_due from its sixth run; the claim from its first.
+    assert plans == {"claim": (10, 5), "next_due": (5, 5)}
+
+
+@pytest.mark.parametrize("kind", ["pool", "sync", "async"])
+async def test_a_single_enqueue_of_a_held_key_returns_the_holder(
+    store: PostgresStore, pg_url: str, kind: str
+) -> None:
+    [held] = await store.enqueue([NewJob("h", {"first": True}, key="k")])
+    again = [NewJob("h", {"second": True}, key="k")]
+    if kind == "pool":
+        [result] = await store.enqueue(again)
+    elif kind == "sync":
+        with psycopg.connect(pg_url) as conn:
+            [result] = store.enqueue_with(conn, again)
+    else:
+        async with await psycopg.AsyncConnection.connect(pg_url) as aconn:
+            [result] = await store.enqueue_with_async(aconn, again)
+    assert not result.created
+    assert result.job == held.job == await store.get(held.job.id)
+
+
+async def test_a_bulk_enqueue_that_cannot_be_copied_falls_back_whole(
+    store: PostgresStore,
+) -> None:
+    # A value only the SQL path stores faithfully, found late in the batch, sends the whole
+    # batch down the SQL path, in input order.
+    batch = [*jobs(40), NewJob("h", {"big": 1e23})]
+    results = await store.enqueue(batch)
+    assert [r.job.payload for r in results[:40]] == [{"n": i} for i in range(40)]
+    assert all(r.created for r in results)
+    for result in results:
+        assert result.job == await store.get(result.job.id)
+    assert await store.counts() == {("default", Status.PENDING): 41}
+
+
+async def test_a_bulk_enqueue_of_a_bad_payload_leaves_the_store_usable(
+    make: StoreFactory,
+) -> None:
+    store = make(min_size=1, max_size=1)  # the same connection must serve the next call
+    await store.open()
+    with pytest.raises(PayloadError):
+        await store.enqueue([*jobs(40), NewJob("h", {"not json": {1, 2}})])
+    assert await store.counts() == {}
+    assert len(await store.enqueue(jobs(40))) == 40
+    assert await store.counts() == {("default", Status.PENDING): 40}

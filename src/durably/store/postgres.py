@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import RowMaker, dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
@@ -89,6 +89,7 @@ _TEMPLATES = (
     "drop_schema",
     "listen",
     "enqueue",
+    "enqueue_one",
     "enqueue_copy",
     "live_jobs_by_keys",
 )
@@ -138,6 +139,10 @@ def _positions(*names: str) -> tuple[int, ...]:
 (_CANCEL_AT,) = _positions("cancel_requested")
 _TIMES_AT = _positions("run_at", "created_at", "updated_at")
 _MAYBE_TIMES_AT = _positions("lease_expires_at", "first_attempt_at", "finished_at")
+_ID_AT, _PAYLOAD_AT, _POLICY_AT, _BATCH_AT, _ITEM_AT, _META_AT = _positions(
+    "id", "payload", "policy", "batch_id", "item_index", "meta"
+)
+_JOB_VALUES = operator.attrgetter(*_JOB_FIELDS)
 
 
 def _job_of(values: list[Any]) -> Job:
@@ -157,13 +162,42 @@ def _job(row: Mapping[str, Any]) -> Job:
     return _job_of(list(_JOB_ITEMS(row)))
 
 
-def _job_reader(description: Sequence[psycopg.Column] | None) -> Callable[[Sequence[Any]], Job]:
-    """Reads jobs rows fetched as tuples with these columns: for many rows, cheaper than dicts."""
-    if description is None:  # pragma: no cover - every caller's statement returns rows
-        raise StoreError("expected jobs rows from PostgreSQL")
-    names = [column.name for column in description]
-    items = operator.itemgetter(*(names.index(name) for name in _JOB_FIELDS))
-    return lambda row: _job_of(list(items(row)))
+# Readers by result column names. A statement's columns rarely change (a migration adding one),
+# and a new list simply gets its own reader; the bound only guards against unbounded growth.
+_READERS: dict[tuple[bytes | None, ...], RowMaker[Job]] = {}
+_MAX_READERS = 256
+
+
+def _no_jobs(values: Sequence[Any]) -> Job:  # pragma: no cover - every caller reads jobs rows
+    raise StoreError("expected jobs rows from PostgreSQL")
+
+
+def _job_rows(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> RowMaker[Job]:
+    """A row factory reading jobs rows straight into :class:`Job` objects.
+
+    The column positions are worked out once per column list, found again by the result's
+    column names: a few microseconds, where ``cursor.description`` builds a ``Column`` object
+    per column (about 50 us for a jobs row) on every statement.
+    """
+    result = cursor.pgresult
+    if result is None or not result.nfields:
+        return _no_jobs
+    fname = result.fname
+    names = tuple([fname(i) for i in range(result.nfields)])
+    read = _READERS.get(names)
+    if read is None:
+        decoded = [b"" if name is None else name.decode() for name in names]
+        if not set(_JOB_FIELDS) <= set(decoded):
+            return _no_jobs
+        items = operator.itemgetter(*(decoded.index(name) for name in _JOB_FIELDS))
+
+        def read(values: Sequence[Any]) -> Job:
+            return _job_of(list(items(values)))
+
+        if len(_READERS) >= _MAX_READERS:
+            _READERS.clear()
+        _READERS[names] = read
+    return read
 
 
 def _attempt(row: Mapping[str, Any]) -> Attempt:
@@ -246,13 +280,29 @@ class _EnqueuePlan:
         self.results: list[EnqueueResult | None] = [None] * len(self.jobs)
         self.todo = list(range(len(self.jobs)))
 
-    def insert_params(self, now: datetime | None, sequence: str, channel: str) -> dict[str, Any]:
-        return {
+    def insert(
+        self, now: datetime | None, sequence: str, channel: str
+    ) -> tuple[str, dict[str, Any]]:
+        """The insert statement's name and parameters for the jobs still to settle."""
+        if len(self.todo) == 1:
+            # The usual single enqueue: a statement that is cheap to plan, and prepared.
+            return "enqueue_one", {
+                "now": now,
+                "channel": channel,
+                "job": _dumps(self.items[self.todo[0]]),
+            }
+        return "enqueue", {
             "now": now,
             "sequence": sequence,
             "channel": channel,
             "jobs": _dumps([self.items[i] for i in self.todo]),
         }
+
+    def take_one(self, jobs: Sequence[Job]) -> None:
+        """The single job still to settle, if it was inserted (else its key is taken)."""
+        if jobs:
+            self.results[self.todo[0]] = EnqueueResult(jobs[0], created=True)
+            self.todo = []
 
     def take_inserted(self, rows: Sequence[Row]) -> None:
         for row in rows:
@@ -524,46 +574,43 @@ class _CopyBatch:
     def results(self, ids: Sequence[int], now: datetime) -> list[EnqueueResult]:
         """The stored jobs, equal to what ``get`` reads (each with its own policy and meta)."""
         now = _at(now)
-        per_shape = [
-            (
-                shape.queue,
-                shape.handler,
-                shape.max_attempts,
-                _copier(shape.policy),
-                shape.run_at(now),
-                shape.timeout,
-                shape.event_scope,
-                _copier(shape.meta),
+        # One Job per shape, its field values the template of every job of that shape: a list
+        # copy and six stores per job, then Job's positional constructor.
+        templates = []
+        for shape in self.shapes:
+            policy, meta = _copier(shape.policy), _copier(shape.meta)
+            model = Job(
+                id=0,
+                queue=shape.queue,
+                handler=shape.handler,
+                payload=None,
+                status=Status.PENDING,
+                attempts=0,
+                max_attempts=shape.max_attempts,
+                policy={},
+                run_at=shape.run_at(now),
+                version=1,
+                created_at=now,
+                updated_at=now,
+                timeout=shape.timeout,
+                event_scope=shape.event_scope,
+                meta={},
             )
-            for shape in self.shapes
-        ]
-        pending = Status.PENDING
+            templates.append((list(_JOB_VALUES(model)), policy, meta))
         out: list[EnqueueResult] = []
         append = out.append
         for job_id, payload, number, batch_id, item in zip(
             ids, self.payloads, self.shape_of, self.batch_ids, self.item_indexes, strict=True
         ):
-            queue, handler, max_attempts, policy, run_at, timeout, scope, meta = per_shape[number]
-            job = Job(
-                id=job_id,
-                queue=queue,
-                handler=handler,
-                payload=payload,
-                status=pending,
-                attempts=0,
-                max_attempts=max_attempts,
-                policy=policy(),
-                run_at=run_at,
-                version=1,
-                created_at=now,
-                updated_at=now,
-                timeout=timeout,
-                batch_id=batch_id,
-                item_index=item,
-                event_scope=scope,
-                meta=meta(),
-            )
-            append(EnqueueResult(job, True))
+            template, policy, meta = templates[number]
+            values = template.copy()
+            values[_ID_AT] = job_id
+            values[_PAYLOAD_AT] = payload
+            values[_POLICY_AT] = policy()
+            values[_BATCH_AT] = batch_id
+            values[_ITEM_AT] = item
+            values[_META_AT] = meta()
+            append(EnqueueResult(Job(*values), True))
         return out
 
 
@@ -783,12 +830,12 @@ class PostgresStore:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
-    async def _fetch_jobs(self, what: str, query: Any, params: Mapping[str, Any]) -> list[Job]:
-        async with self._connection(what) as conn, conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(query, params)
-            rows = await cur.fetchall()
-            read = _job_reader(cur.description)
-        return [read(row) for row in rows]
+    async def _fetch_jobs(
+        self, what: str, query: Any, params: Mapping[str, Any], *, prepare: bool | None = None
+    ) -> list[Job]:
+        async with self._connection(what) as conn, conn.cursor(row_factory=_job_rows) as cur:
+            await cur.execute(query, params, prepare=prepare)
+            return await cur.fetchall()
 
     async def _fetch_one(self, what: str, query: Any, params: Mapping[str, Any]) -> Row | None:
         async with self._connection(what) as conn:
@@ -901,15 +948,20 @@ class PostgresStore:
     # -- producers --------------------------------------------------------------------------
 
     async def _enqueue_async(
-        self, conn: psycopg.AsyncConnection[Any], plan: _EnqueuePlan
+        self, conn: psycopg.AsyncConnection[Any], plan: _EnqueuePlan, *, ours: bool = True
     ) -> list[EnqueueResult]:
+        """Settle ``plan``. On a caller's connection (not ``ours``) psycopg's own preparing
+        rules (``prepare_threshold``) stand."""
         async with conn.cursor(row_factory=dict_row) as cur:
             for _ in range(_ENQUEUE_ROUNDS):
-                await cur.execute(
-                    self._sql["enqueue"],
-                    plan.insert_params(self._now(), self._sequence, self.channel),
-                )
-                plan.take_inserted(await cur.fetchall())
+                name, params = plan.insert(self._now(), self._sequence, self.channel)
+                if name == "enqueue_one":
+                    async with conn.cursor(row_factory=_job_rows) as one:
+                        await one.execute(self._sql[name], params, prepare=ours or None)
+                        plan.take_one(await one.fetchall())
+                else:
+                    await cur.execute(self._sql[name], params)
+                    plan.take_inserted(await cur.fetchall())
                 if not plan.todo:
                     break
                 await cur.execute(self._sql["live_jobs_by_keys"], plan.lookup_params())
@@ -982,7 +1034,7 @@ class PostgresStore:
         batch = _CopyBatch.prepare(jobs) if _bulk(connection, jobs) else None
         with _translated(self.url, "enqueue_with_async"):
             if batch is None:
-                return await self._enqueue_async(connection, _EnqueuePlan(jobs))
+                return await self._enqueue_async(connection, _EnqueuePlan(jobs), ours=False)
             return await self._enqueue_copy(connection, batch)
 
     def enqueue_with(
@@ -1018,11 +1070,14 @@ class PostgresStore:
                 return batch.results(ids, now)
             plan = _EnqueuePlan(jobs)
             for _ in range(_ENQUEUE_ROUNDS):
-                cur.execute(
-                    self._sql["enqueue"],
-                    plan.insert_params(self._now(), self._sequence, self.channel),
-                )
-                plan.take_inserted(cur.fetchall())
+                name, params = plan.insert(self._now(), self._sequence, self.channel)
+                if name == "enqueue_one":
+                    with connection.cursor(row_factory=_job_rows) as one:
+                        one.execute(self._sql[name], params)
+                        plan.take_one(one.fetchall())
+                else:
+                    cur.execute(self._sql[name], params)
+                    plan.take_inserted(cur.fetchall())
                 if not plan.todo:
                     break
                 cur.execute(self._sql["live_jobs_by_keys"], plan.lookup_params())
@@ -1085,7 +1140,9 @@ class PostgresStore:
             "lease_seconds": float(request.lease_seconds),
         }
         if request.batch_id is None:
-            return await self._fetch_jobs("claim", _Q["claim"], params)
+            # Prepared at once: its estimates do not depend on the parameters, so after five
+            # custom plans the server keeps one generic plan (planning cost more than running).
+            return await self._fetch_jobs("claim", _Q["claim"], params, prepare=True)
         params.update(batch_id=request.batch_id, due_only=request.due_only)
         return await self._fetch_jobs("claim", _Q["claim_batch"], params)
 

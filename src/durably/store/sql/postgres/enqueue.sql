@@ -45,6 +45,30 @@ SELECT i.ord, false AS created, j.*
  WHERE NOT EXISTS (SELECT 1 FROM ins x WHERE x.id = i.new_id)
 ORDER BY ord
 
+-- name: enqueue_one
+-- One job: the enqueue statement without its batch machinery (ordinality, union of outcomes),
+-- so it plans in microseconds and its plan is cached once prepared. The job arrives as the same
+-- JSON object, converted the same way. A key held by a live job returns no row; the store then
+-- looks the holder up.
+WITH input AS (
+    SELECT %(job)s::jsonb AS j, coalesce(%(now)s::timestamptz, now()) AS t
+),
+ins AS (
+    INSERT INTO {schema}.jobs (queue, handler, payload, status, max_attempts, policy, run_at,
+                               created_at, updated_at, key, timeout, batch_id, item_index,
+                               event_scope, meta)
+    SELECT j ->> 'queue', j ->> 'handler', j -> 'payload', 'pending',
+           (j ->> 'max_attempts')::integer, j -> 'policy',
+           t + make_interval(secs => (j ->> 'delay')::double precision),
+           t, t, j ->> 'key', (j ->> 'timeout')::double precision,
+           j ->> 'batch_id', (j ->> 'item_index')::integer, j ->> 'event_scope', j -> 'meta'
+      FROM input
+    ON CONFLICT (key) WHERE key IS NOT NULL AND status IN ('pending', 'running', 'retrying')
+    DO NOTHING
+    RETURNING *
+)
+SELECT ins.*, pg_notify(%(channel)s, ins.queue) AS notified FROM ins
+
 -- name: live_jobs_by_keys
 SELECT * FROM {schema}.jobs
  WHERE key = ANY(%(keys)s::text[]) AND status IN ('pending', 'running', 'retrying')
