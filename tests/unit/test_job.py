@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from durably.job import Completion, Job, NewJob, Outcome, Status
+from durably.store.base import EnqueueResult
 
 
 def plain_twin(cls: type[Any]) -> type[Any]:
@@ -21,7 +22,7 @@ def plain_twin(cls: type[Any]) -> type[Any]:
     return dataclasses.make_dataclass(cls.__name__, fields, frozen=True, slots=True)
 
 
-@pytest.mark.parametrize("cls", [NewJob, Job, Completion])
+@pytest.mark.parametrize("cls", [NewJob, Job, Completion, EnqueueResult])
 def test_the_quick_constructor_has_the_dataclass_signature(cls: type[Any]) -> None:
     assert str(inspect.signature(cls)) == str(inspect.signature(plain_twin(cls)))
 

@@ -34,6 +34,7 @@ from durably.job import (
     JobFilter,
     NewJob,
     Status,
+    _quick_init,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 
+@_quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class EnqueueResult:
     """The job that now stands for a :class:`NewJob`, and whether this call created it.
