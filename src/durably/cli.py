@@ -332,7 +332,7 @@ def find_app(imports: Sequence[str], app_ref: str | None) -> Durably:
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Most jobs one claim takes (default: concurrency + prefetch).",
+    help="Most jobs one claim takes (default: half of --concurrency).",
 )
 @click.option(
     "--retention",

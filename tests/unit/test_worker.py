@@ -301,7 +301,9 @@ async def test_graceful_stop_finishes_the_running_job_and_hands_back_the_rest(
         return count
 
     monkeypatch.setattr(store, "release", release_and_signal)
-    worker = app.worker(concurrency=1, prefetch=2, poll_interval=0.02, shutdown_timeout=BOUND)
+    worker = app.worker(
+        concurrency=1, prefetch=2, batch_size=3, poll_interval=0.02, shutdown_timeout=BOUND
+    )
     running = asyncio.create_task(worker.run())
     await bounded(started.wait())
     assert (await store.get(third.id)).status is Status.RUNNING  # prefetched: claimed
