@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import json.encoder
 import operator
@@ -25,12 +27,14 @@ import socket
 import sqlite3
 import threading
 import time
+import types
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -153,13 +157,21 @@ class _Mappings:
         """A fresh object, as ``_loads(text)`` would return."""
         if text == "{}":
             return {}
+        value, flat = self._decode(text)
+        return dict(value) if flat else _loads(text)  # a copy shares only immutable values
+
+    def copies(self, text: str, count: int) -> Iterable[Any]:
+        """``count`` fresh objects, as ``_loads(text)`` would return each."""
+        value, flat = self._decode(text)
+        return map(dict, itertools.repeat(value, count)) if flat else map(_loads, [text] * count)
+
+    def _decode(self, text: str) -> tuple[Any, bool]:
         found = self._decoded.get(text)
         if found is None:
             value = _loads(text)
             flat = type(value) is dict and all(type(v) in self._FLAT for v in value.values())
             found = self._decoded[text] = (value, flat)
-        value, flat = found
-        return dict(value) if flat else _loads(text)  # a copy shares only immutable values
+        return found
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -177,6 +189,55 @@ def _time(times: dict[float, datetime], value: float) -> datetime:
 _STATUSES = {s.value: s for s in Status}
 _RUN_AT_ID = operator.itemgetter(8, 0)
 """Sort key of a jobs row: (run_at, id)."""
+
+
+_consume = deque[Any](maxlen=0).extend
+"""Run an iterator to its end, keeping nothing."""
+
+
+def _setters(cls: type[Any]) -> tuple[Callable[[Any, Any], None], ...] | None:
+    """The slot setters of a slotted dataclass's fields in field order, or None if it has
+    other attributes (then only its constructor can build it)."""
+    found = []
+    for field in dataclasses.fields(cls):
+        descriptor = cls.__dict__.get(field.name)
+        if type(descriptor) is not types.MemberDescriptorType:
+            return None
+        found.append(descriptor.__set__)
+    if "__post_init__" in dir(cls):
+        return None
+    return tuple(found)
+
+
+_SETTERS: dict[type[Any], tuple[Callable[[Any, Any], None], ...] | None] = {}
+
+
+def _build(cls: type[T], count: int, columns: Sequence[Iterable[Any]]) -> list[T]:
+    """``count`` instances of the slotted dataclass ``cls``, column by column.
+
+    ``columns`` holds one iterable per field (in field order), at least one of them finite.
+    Each column is set by one C-level loop over all instances: constructing thousands of
+    30-field frozen dataclasses one by one (an ``object.__setattr__`` per field and instance) was
+    the largest cost of a bulk enqueue. The instances are those the constructor would build
+    (``cls`` has no ``__post_init__``; see :func:`_setters`). Only worth it for many instances:
+    for a few, the constructor is cheaper than 30 column loops.
+    """
+    setters = _SETTERS.get(cls, ())
+    if setters == ():
+        setters = _SETTERS[cls] = _setters(cls)
+    if setters is None:
+        return list(itertools.starmap(cls, zip(*columns, strict=False)))  # some repeat
+    built: list[T] = list(map(object.__new__, itertools.repeat(cls, count)))
+    for setter, values in zip(setters, columns, strict=True):
+        _consume(map(setter, built, values))
+    return built
+
+
+_JOB_DEFAULTS = tuple(
+    itertools.repeat(f.default)
+    for f in dataclasses.fields(Job)[[f.name for f in dataclasses.fields(Job)].index("meta") + 1 :]
+)
+"""The fields after ``meta`` of a job just enqueued: their defaults until the first claim."""
 
 
 def _jobs(rows: Iterable[Sequence[Any]]) -> list[Job]:
@@ -254,15 +315,46 @@ def _jobs(rows: Iterable[Sequence[Any]]) -> list[Job]:
     return out
 
 
+_ROW_SLOTS = (
+    "queue",
+    "handler",
+    "payload",
+    "max_attempts",
+    "policy",
+    "run_at",
+    "now",
+    "timeout",
+    "batch_id",
+    "item_index",
+    "event_scope",
+    "meta",
+)
+"""The values of a keyless insert row (the slots of insert_jobs_row), in the order the
+columns are gathered."""
+
+
 @functools.cache
-def _insert_rows(count: int) -> str:
-    """The keyless insert of ``count`` jobs."""
-    return _Q["insert_jobs_keyless"].format(rows=",".join([_Q["insert_jobs_row"]] * count))
+def _insert_rows(shared: tuple[bool, ...], count: int) -> str:
+    """The keyless insert of ``count`` jobs. Slot ``i`` of every row is the one parameter all
+    rows share where ``shared[i]`` (numbered first, in slot order), else one per row."""
+    slots: dict[str, str] = {}
+    varying: list[str] = []
+    for slot, same in zip(_ROW_SLOTS, shared, strict=True):
+        if same:
+            slots[slot] = f"?{len(slots) + 1}"
+        else:
+            varying.append(slot)
+    first = len(slots) + 1
+    rows = []
+    for row in range(count):
+        for i, slot in enumerate(varying):
+            slots[slot] = f"?{first + row * len(varying) + i}"
+        rows.append(_Q["insert_jobs_row"].format(**slots))
+    return _Q["insert_jobs_keyless"].format(rows=",".join(rows))
 
 
 _INSERT_CHUNK = 256
-"""Jobs per keyless insert statement (fewer where SQLite allows fewer parameters)."""
-_INSERT_PARAMS = _Q["insert_jobs_row"].count("?")
+"""Most jobs per keyless insert statement (fewer where SQLite allows fewer parameters)."""
 
 
 def _job(row: Sequence[Any]) -> Job:
@@ -282,6 +374,7 @@ def _exact(job: NewJob) -> bool:
     return (
         type(job.queue) is str
         and type(job.handler) is str
+        and (job.key is None or type(job.key) is str)
         and (job.max_attempts is None or type(job.max_attempts) is int)
         and (job.timeout is None or type(job.timeout) in (float, int))
         and (job.batch_id is None or type(job.batch_id) is str)
@@ -471,35 +564,137 @@ def _close_listeners() -> None:
         listener.close()
 
 
-def _wake_processes(directory: str) -> None:
-    """Send one byte to the socket of every other process waiting on the database."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return  # no folder: no process has ever waited
-    own = str(os.getpid())
-    sock: socket.socket | None = None
-    try:
-        for name in names:
+class _Targets:
+    """The sockets of a channel folder, listed again only when the folder has changed."""
+
+    __slots__ = ("listed_at", "mtime", "paths", "pid")
+
+    def __init__(self, directory: str, mtime: int) -> None:
+        self.pid = os.getpid()
+        self.mtime = mtime
+        self.listed_at = time.time_ns()
+        own = str(self.pid)
+        self.paths = []
+        for name in os.listdir(directory):
             match = _SOCKET_NAME.match(name)
-            if match is None or match[1] == own:
-                continue  # not a socket of ours, or this process (woken directly)
-            path = os.path.join(directory, name)
-            if sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                sock.setblocking(False)
-            try:
-                sock.sendto(b"\0", path)
-            except ConnectionRefusedError:  # nobody receives: its process has gone
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            except OSError:
-                pass  # a full queue (it wakes anyway), a vanished socket, or no permission
+            if match is not None and match[1] != own:  # this process is woken directly
+                self.paths.append(os.path.join(directory, name))
+
+    def current(self, mtime: int) -> bool:
+        # A folder's mtime comes from a coarse clock: a change made in the same tick as the
+        # listing would leave it unchanged, so a listing that close to the last change is
+        # never trusted.
+        return (
+            mtime == self.mtime
+            and self.listed_at - mtime > _LISTING_MARGIN_NS
+            and self.pid == os.getpid()
+        )
+
+
+_LISTING_MARGIN_NS = 100_000_000
+_TARGETS: dict[str, _Targets] = {}
+_SENDER: list[socket.socket] = []  # this process's unbound datagram socket, made at first use
+_SENDER_LOCK = threading.Lock()
+
+
+def _sender() -> socket.socket:
+    with _SENDER_LOCK:
+        if not _SENDER or _SENDER[0].fileno() < 0:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            _SENDER[:] = [sock]
+        return _SENDER[0]
+
+
+def _wake_processes(directory: str) -> None:
+    """Send one byte to the socket of every other process waiting on the database.
+
+    The folder is listed again only when its mtime shows a socket came or went: one ``stat``
+    per wake-up instead of a listing and a fresh socket.
+    """
+    try:
+        mtime = os.stat(directory).st_mtime_ns
+        targets = _TARGETS.get(directory)
+        if targets is None or not targets.current(mtime):
+            targets = _TARGETS[directory] = _Targets(directory, mtime)
+        if not targets.paths:
+            return
+        sock = _sender()
     except OSError:
-        pass  # no datagram sockets here: waiters poll
-    finally:
-        if sock is not None:
-            sock.close()
+        return  # no folder (no process has ever waited), or no datagram sockets: waiters poll
+    for path in targets.paths:
+        try:
+            sock.sendto(b"\0", path)
+        except ConnectionRefusedError:  # nobody receives: its process has gone
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except OSError:
+            pass  # a full queue (it wakes anyway), a vanished socket, or no permission
+
+
+# -- the store's thread ---------------------------------------------------------------------
+
+
+class _Thread:
+    """The one thread that owns a store's connection, running calls in submission order.
+
+    Leaner than ``run_in_executor`` on a one-worker ``ThreadPoolExecutor``: a call is one queue
+    put, and its result one ``call_soon_threadsafe``, with no concurrent future to chain to an
+    asyncio one. A single job's enqueue or claim spends as long in that hand-off as in SQLite.
+    A call whose caller was cancelled still runs (as an executor call that had started would):
+    the caller cannot know how far it got either way.
+    """
+
+    def __init__(self) -> None:
+        self._calls: SimpleQueue[
+            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
+        ] = SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="durably-sqlite", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        calls = self._calls
+        while True:
+            call = calls.get()
+            if call is None:
+                return
+            fn, loop, future = call
+            try:
+                _hand(loop, future, _succeed, fn())
+            except BaseException as exc:  # handed to the caller, as an executor would
+                _hand(loop, future, _fail, exc)
+            del call, fn, loop, future  # nothing kept alive while idle
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the thread; the future (of the running loop) gets its outcome."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._calls.put((fn, loop, future))
+        return future
+
+    def stop(self) -> None:
+        """End the thread once the calls queued so far have run."""
+        self._calls.put(None)
+
+
+def _hand(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    setter: Callable[[asyncio.Future[Any], Any], None],
+    value: Any,
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+        loop.call_soon_threadsafe(setter, future, value)
+
+
+def _succeed(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # the caller may have been cancelled
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -550,6 +745,160 @@ def _event(row: sqlite3.Row) -> Event:
     )
 
 
+class _KeylessInsert:
+    """An enqueue of jobs that hold no key, many rows per statement.
+
+    Without keys nothing can conflict, so every row is inserted. ``jobs.id`` is AUTOINCREMENT and
+    the transaction holds the write lock, so the new ids are the contiguous range ending at the
+    last rowid inserted, in input order. The jobs returned are built from what was written (the
+    JSON decoded back from the very text stored), unless a value is of a type SQLite would
+    convert: then they are read back.
+
+    The caller's thread plans the statements, and builds the jobs while the store's thread runs
+    them (SQLite releases the GIL while it works); only the ids are set afterwards.
+    """
+
+    def __init__(self, jobs: Sequence[NewJob], now: float, max_params: int) -> None:
+        count = self.count = len(jobs)
+        self.now = now
+        # Not the store's encoder: that one belongs to the store's thread.
+        encode = _Encoder()
+        mappings = self._mappings = _Mappings(encode)
+        exact = True
+
+        def gather(name: str, types: tuple[type, ...]) -> list[Any]:
+            """The values of one field, or the one value all jobs share. Values of a type SQLite
+            would convert are not shared (1 and 1.0 are equal), and make ``exact`` False."""
+            nonlocal exact
+            column = list(map(operator.attrgetter(name), jobs))
+            if not set(map(type, column)).issubset(types):
+                exact = False
+                return column
+            return column[:1] if column.count(column[0]) == count else column
+
+        def encoded(name: str) -> list[str]:
+            found = list(map(operator.attrgetter(name), jobs))
+            if not any(found):
+                return ["{}"]
+            if len(set(map(id, found))) == 1:  # the jobs of one operation share one policy
+                return [mappings.encode(found[0])]
+            texts = list(map(mappings.encode, found))
+            return texts[:1] if texts.count(texts[0]) == count else texts
+
+        timeouts = list(map(operator.attrgetter("timeout"), jobs))
+        if int in set(map(type, timeouts)):  # REAL affinity: stored, and read back, as a float
+            timeouts = [float(t) if type(t) is int else t for t in timeouts]
+        if set(map(type, timeouts)).issubset((float, type(None))):
+            timeout = timeouts[:1] if timeouts.count(timeouts[0]) == count else timeouts
+        else:
+            exact = False
+            timeout = timeouts
+        delays = list(map(operator.attrgetter("delay"), jobs))
+        run_at = [now] if max(delays) <= 0 else [now + max(0.0, delay) for delay in delays]
+        payloads = [job.payload_json or encode(job.payload) for job in jobs]  # the app's text
+        # One list per slot of insert_jobs_row (see _ROW_SLOTS); one value: all jobs share it.
+        self.columns: list[list[Any]] = [
+            gather("queue", (str,)),
+            gather("handler", (str,)),
+            payloads[:1] if payloads.count(payloads[0]) == count else payloads,
+            gather("max_attempts", (int, type(None))),
+            encoded("policy"),
+            run_at[:1] if run_at.count(run_at[0]) == count else run_at,
+            [now],
+            timeout,
+            gather("batch_id", (str, type(None))),
+            gather("item_index", (int, type(None))),
+            gather("event_scope", (str, type(None))),
+            encoded("meta"),
+        ]
+        self.exact = exact
+        self.shared = shared = tuple(len(column) == 1 for column in self.columns)
+        self.values = [c[0] for c, same in zip(self.columns, shared, strict=True) if same]
+        varying = [c for c, same in zip(self.columns, shared, strict=True) if not same]
+        self.width = width = len(varying)
+        self.params = (
+            varying[0]
+            if width == 1
+            else list(itertools.chain.from_iterable(zip(*varying, strict=True)))
+        )
+        most = (max_params - len(self.values)) // max(1, width)
+        self.size = 1 << (min(_INSERT_CHUNK, most).bit_length() - 1)
+
+    def write(self, conn: sqlite3.Connection) -> list[Job] | range:
+        """Insert the rows (in the caller's transaction): their ids, or the jobs read back."""
+        count, width, size = self.count, self.width, self.size
+        inserted = 0
+        start = 0
+        cursor = conn.cursor()
+        while start < count:
+            while size > count - start:
+                size //= 2  # the tail in power-of-two chunks: few distinct statements to cache
+            cursor.execute(
+                _insert_rows(self.shared, size),
+                self.values + self.params[start * width : (start + size) * width],
+            )
+            inserted += cursor.rowcount
+            start += size
+        last = cursor.lastrowid
+        if inserted != count or last is None:  # pragma: no cover - nothing can conflict
+            raise StoreError(f"enqueue inserted {inserted} jobs, expected {count}")
+        if not self.exact:
+            return _jobs(conn.execute(_Q["jobs_in_id_range"], (last - count, last)).fetchall())
+        return range(last - count + 1, last + 1)
+
+    def build(self) -> list[Job]:
+        """The jobs as written, with id 0 until :meth:`write` tells their ids."""
+        columns, shared, count, now = self.columns, self.shared, self.count, self.now
+        mappings = self._mappings
+        created = datetime.fromtimestamp(now, UTC)
+        times = {now: created}
+        repeat = itertools.repeat
+
+        def column(slot: int) -> Iterable[Any]:
+            return repeat(columns[slot][0]) if shared[slot] else columns[slot]
+
+        def decoded(slot: int) -> Iterable[Any]:
+            if shared[slot]:
+                return mappings.copies(columns[slot][0], count)
+            return map(mappings.decode, columns[slot])
+
+        return _build(
+            Job,
+            count,
+            (
+                repeat(0),
+                column(0),
+                column(1),
+                decoded(2) if shared[2] else map(_loads, columns[2]),
+                repeat(Status.PENDING),
+                repeat(0),
+                column(3),
+                decoded(4),
+                (
+                    repeat(_time(times, columns[5][0]))
+                    if shared[5]
+                    else map(functools.partial(_time, times), columns[5])
+                ),
+                repeat(1),
+                repeat(created),
+                repeat(created),
+                repeat(None),
+                column(7),
+                column(8),
+                column(9),
+                column(10),
+                decoded(11),
+                *_JOB_DEFAULTS,
+            ),
+        )
+
+
+def _set_ids(jobs: list[Job], ids: range) -> list[Job]:
+    """Give jobs built before their insert finished their ids (nobody else has seen them)."""
+    _consume(map(object.__setattr__, jobs, itertools.repeat("id"), ids))
+    return jobs
+
+
 class SQLiteStore:
     """Jobs in one SQLite file (``sqlite:///path/to.db``; ``sqlite:///:memory:`` for tests).
 
@@ -581,13 +930,13 @@ class SQLiteStore:
         self._wake_interval = wake_interval
         self._migrate_on_open = migrate_on_open
         self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _Thread | None = None
         self._wake_key = path if path == ":memory:" else str(Path(path).resolve())
         self._channel = None if path == ":memory:" else _channel_dir(self._wake_key)
         self._listener: _Listener | None = None
         self._can_listen = self._channel is not None
         self._encode = _Encoder()
-        self._chunk = 1  # jobs per keyless insert, set on connecting
+        self._max_params = 999  # SQLite's limit of parameters per statement, read on connecting
         # PRAGMA data_version when this store last read the jobs (claim, next_due_in): a commit
         # by another process after that read wakes the next wait at once.
         self._seen_version: int | None = None
@@ -634,17 +983,22 @@ class SQLiteStore:
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        allowed = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _INSERT_PARAMS
-        self._chunk = 1 << (min(_INSERT_CHUNK, max(1, allowed)).bit_length() - 1)
+        self._max_params = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None or self._executor is None:
+        return await self._outcome(self._submit(fn))
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Start ``fn`` on the store's thread; :meth:`_outcome` awaits it."""
+        conn, thread = self._conn, self._thread
+        if conn is None or thread is None:
             raise StoreError("the SQLite store is not open: call await store.open() first")
-        conn = self._conn
-        loop = asyncio.get_running_loop()
+        return thread.call(functools.partial(fn, conn))
+
+    async def _outcome(self, future: asyncio.Future[T]) -> T:
         try:
-            return await loop.run_in_executor(self._executor, fn, conn)
+            return await future
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise StoreUnavailable(f"SQLite database {self.path!r} is busy: {exc}") from exc
@@ -674,14 +1028,16 @@ class SQLiteStore:
         """Open the file (created if missing), then migrate it or refuse a newer schema."""
         if self._conn is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="durably-sqlite")
-        loop = asyncio.get_running_loop()
+        thread = _Thread()
         try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            self._conn = await thread.call(self._connect)
         except sqlite3.Error as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            thread.stop()
             raise StoreUnavailable(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        except BaseException:
+            thread.stop()
+            raise
+        self._thread = thread
         if self._migrate_on_open:
             await self.migrate()
         elif await self.schema_version() > len(load_migrations("sqlite")):
@@ -689,15 +1045,16 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Close the connection, the wake-up socket and the thread. Idempotent."""
-        conn, executor, listener = self._conn, self._executor, self._listener
-        self._conn = self._executor = self._listener = None
-        if executor is not None:
-            loop = asyncio.get_running_loop()
-            if listener is not None:
-                await loop.run_in_executor(executor, _unlisten, listener)
-            if conn is not None:
-                await loop.run_in_executor(executor, conn.close)
-            executor.shutdown(wait=True)
+        conn, thread, listener = self._conn, self._thread, self._listener
+        self._conn = self._thread = self._listener = None
+        if thread is not None:
+            try:
+                if listener is not None:
+                    await thread.call(functools.partial(_unlisten, listener))
+                if conn is not None:
+                    await thread.call(conn.close)
+            finally:
+                thread.stop()
 
     async def migrate(self, *, dry_run: bool = False) -> list[str]:
         """Apply pending migrations in one ``BEGIN IMMEDIATE`` transaction each."""
@@ -756,108 +1113,48 @@ class SQLiteStore:
             "run_at": now + max(0.0, job.delay),
             "now": now,
             "key": job.key,
-            "timeout": job.timeout,
+            # REAL affinity: an int timeout is stored, and read back, as a float
+            "timeout": float(job.timeout) if type(job.timeout) is int else job.timeout,
             "batch_id": job.batch_id,
             "item_index": job.item_index,
             "event_scope": job.event_scope,
             "meta": encode(dict(job.meta)) if job.meta else "{}",
         }
 
-    def _insert_keyless(
-        self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float
-    ) -> list[EnqueueResult]:
-        """Insert jobs that hold no key, many rows per statement.
-
-        Without keys nothing can conflict, so every row is inserted. ``jobs.id`` is
-        AUTOINCREMENT and this transaction holds the write lock, so the new ids are the
-        contiguous range ending at ``last_insert_rowid()``, in input order. The jobs returned are
-        built from what was written (the JSON decoded back from the very text stored), unless a
-        value is of a type SQLite would convert: then they are read back.
-        """
-        encode = self._encode
-        mappings = _Mappings(encode)
-        params: list[Any] = []  # flat, as the statements take them: no tuple kept per job
-        for job in jobs:
-            params += (
-                job.queue,
-                job.handler,
-                job.payload_json or encode(job.payload),  # the app's encoding when it has one
-                job.max_attempts,
-                mappings.encode(job.policy),
-                now + max(0.0, job.delay),
-                now,
-                now,
-                # REAL affinity: an int timeout is stored, and read back, as a float
-                float(job.timeout) if type(job.timeout) is int else job.timeout,
-                job.batch_id,
-                job.item_index,
-                job.event_scope,
-                mappings.encode(job.meta),
-            )
-        inserted = 0
-        start = 0
-        size = self._chunk
-        while start < len(jobs):
-            while size > len(jobs) - start:
-                size //= 2  # the tail in power-of-two chunks: few distinct statements to cache
-            chunk = params[start * _INSERT_PARAMS : (start + size) * _INSERT_PARAMS]
-            inserted += conn.execute(_insert_rows(size), chunk).rowcount
-            start += size
-        last = conn.execute(_Q["last_insert_rowid"]).fetchone()[0]
-        if inserted != len(jobs):  # pragma: no cover - nothing can conflict
-            raise StoreError(f"enqueue inserted {inserted} jobs, expected {len(jobs)}")
-        first = last - len(jobs) + 1
-        if not all(_exact(job) for job in jobs):
-            found = _jobs(conn.execute(_Q["jobs_in_id_range"], (first - 1, last)).fetchall())
-            return [EnqueueResult(job, created=True) for job in found]
-        created = datetime.fromtimestamp(now, UTC)
-        times = {now: created}
-        pending = Status.PENDING
-        return [
-            EnqueueResult(
+    def _insert(self, conn: sqlite3.Connection, job: NewJob, now: float) -> EnqueueResult:
+        """Insert one job (with a key or without), or find the live job holding its key."""
+        params = self._insert_params(job, now)
+        cursor = conn.execute(_Q["insert_job"], params)
+        if cursor.rowcount == 1 and cursor.lastrowid is not None:
+            if not _exact(job):
+                return EnqueueResult(
+                    _job(conn.execute(_Q["get_job"], (cursor.lastrowid,)).fetchone()), created=True
+                )
+            created = datetime.fromtimestamp(now, UTC)
+            mappings = _Mappings()
+            return EnqueueResult(
                 Job(
-                    first + i,
-                    queue,
-                    handler,
-                    _loads(payload),
-                    pending,
+                    cursor.lastrowid,
+                    job.queue,
+                    job.handler,
+                    _loads(params["payload"]),
+                    Status.PENDING,
                     0,
-                    max_attempts,
-                    mappings.decode(policy),
-                    _time(times, run_at),
+                    job.max_attempts,
+                    mappings.decode(params["policy"]),
+                    created if params["run_at"] == now else _time({}, params["run_at"]),
                     1,
                     created,
                     created,
-                    None,
-                    timeout,
-                    batch_id,
-                    item_index,
-                    event_scope,
-                    mappings.decode(meta),
+                    job.key,
+                    params["timeout"],
+                    job.batch_id,
+                    job.item_index,
+                    job.event_scope,
+                    mappings.decode(params["meta"]),
                 ),
-                True,
+                created=True,
             )
-            for i, (
-                queue,
-                handler,
-                payload,
-                max_attempts,
-                policy,
-                run_at,
-                _,
-                _,
-                timeout,
-                batch_id,
-                item_index,
-                event_scope,
-                meta,
-            ) in enumerate(zip(*[iter(params)] * _INSERT_PARAMS, strict=True))
-        ]
-
-    def _insert(self, conn: sqlite3.Connection, job: NewJob, now: float) -> EnqueueResult:
-        row = conn.execute(_Q["insert_job"], self._insert_params(job, now)).fetchone()
-        if row is not None:
-            return EnqueueResult(_job(row), created=True)
         existing = conn.execute(_Q["live_job_by_key"], (job.key,)).fetchone()
         if existing is None:  # pragma: no cover - only a key conflict makes the insert a no-op
             raise StoreError(f"enqueue of {job.handler!r} inserted nothing")
@@ -867,18 +1164,34 @@ class SQLiteStore:
         """Insert all jobs in one transaction."""
         if not jobs:
             return []
+        if len(jobs) > 1 and list(map(operator.attrgetter("key"), jobs)).count(None) == len(jobs):
+            return await self._enqueue_keyless(jobs)
 
         def work(conn: sqlite3.Connection) -> list[EnqueueResult]:
             now = self._now()
             with self._write(conn):
-                if len(jobs) > 1 and all(job.key is None for job in jobs):
-                    results = self._insert_keyless(conn, jobs, now)
-                else:
-                    results = [self._insert(conn, job, now) for job in jobs]
+                results = [self._insert(conn, job, now) for job in jobs]
             self._announce()
             return results
 
         return await self._run(work)
+
+    async def _enqueue_keyless(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
+        insert = _KeylessInsert(jobs, self._now(), self._max_params)
+
+        def work(conn: sqlite3.Connection) -> list[Job] | range:
+            with self._write(conn):
+                written = insert.write(conn)
+            self._announce()
+            return written
+
+        written = self._submit(work)
+        try:
+            built = insert.build() if insert.exact else []
+        finally:
+            outcome = await self._outcome(written)
+        found = _set_ids(built, outcome) if isinstance(outcome, range) else outcome
+        return _build(EnqueueResult, len(found), (found, itertools.repeat(True)))
 
     async def upsert(self, job: NewJob) -> EnqueueResult:
         """Enqueue by key, or replace the live job's content while it is not running."""
@@ -918,8 +1231,9 @@ class SQLiteStore:
     async def claim(self, request: ClaimRequest) -> list[Job]:
         """Claim due jobs under fresh leases, with their attempt rows, in one transaction.
 
-        Two statements: due retries first, then pending jobs for the room left, each an index
-        walk in (run_at, id) order (see jobs.sql).
+        Due retries first, then pending jobs for the room left, each one statement walking an
+        index in (run_at, id) order (see jobs.sql); a first cheap query skips the retries'
+        statement when none is due, and reads ``PRAGMA data_version`` for :meth:`wait`.
         """
         if request.limit <= 0 or not request.queues:
             return []
@@ -928,6 +1242,7 @@ class SQLiteStore:
             "lease_seconds": request.lease_seconds,
             "limit": request.limit,
         }
+        check: str | None = None
         if request.batch_id is not None:
             retrying = pending = _Q["claim_batch"]
             params.update(
@@ -937,17 +1252,23 @@ class SQLiteStore:
                 status=Status.RETRYING.value,
             )
         elif len(request.queues) == 1:
+            check = _Q["claim_check_one"]
             retrying, pending = _Q["claim_retrying_one"], _Q["claim_pending_one"]
             params["queue"] = request.queues[0]
         else:
+            check = _Q["claim_check_any"]
             retrying, pending = _Q["claim_retrying_any"], _Q["claim_pending_any"]
             params["queues"] = _dumps(list(request.queues))
         worker_id = request.worker_id
 
         def work(conn: sqlite3.Connection) -> list[Job]:
             now = params["now"] = self._now()
+            version: int | None = None
             with self._write(conn):
-                rows = conn.execute(retrying, params).fetchall()
+                retrying_due = True
+                if check is not None:
+                    version, retrying_due = conn.execute(check, params).fetchone()
+                rows = conn.execute(retrying, params).fetchall() if retrying_due else []
                 rows.sort(key=_RUN_AT_ID)  # RETURNING follows no order
                 room = request.limit - len(rows)
                 if room > 0:
@@ -959,7 +1280,7 @@ class SQLiteStore:
                 if rows:
                     ids = self._encode([row[0] for row in rows])
                     conn.execute(_Q["insert_attempt"], (ids, worker_id, now))
-            self._seen_version = _data_version(conn)
+            self._seen_version = _data_version(conn) if version is None else version
             return _jobs(rows)
 
         return await self._run(work)

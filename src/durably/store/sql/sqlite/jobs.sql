@@ -2,28 +2,29 @@
 -- position, in the column order of 001_initial.sql (the order of the Job fields).
 
 -- name: insert_job
+-- One job. With a key, nothing is inserted while another live job holds it (rowcount 0).
+-- No RETURNING: sqlite.py builds the stored job from what it wrote, which costs less than
+-- RETURNING's temporary table.
 INSERT INTO jobs (queue, handler, payload, status, max_attempts, policy, run_at, created_at,
                   updated_at, key, timeout, batch_id, item_index, event_scope, meta)
 VALUES (:queue, :handler, :payload, 'pending', :max_attempts, :policy, :run_at, :now, :now,
         :key, :timeout, :batch_id, :item_index, :event_scope, :meta)
 ON CONFLICT DO NOTHING
-RETURNING *
 
 -- name: insert_jobs_keyless
--- Jobs without keys (nothing can conflict), many per statement: sqlite.py puts as many copies of
--- insert_jobs_row as there are jobs where ROWS stands. One statement per chunk instead of one
--- per row saves most of the per-row cost (statement steps, the AUTOINCREMENT counter update).
--- Parameters per row: queue, handler, payload, max_attempts, policy, run_at, now, now, timeout,
--- batch_id, item_index, event_scope, meta.
+-- Jobs without keys (nothing can conflict), many per statement: sqlite.py puts one copy of
+-- insert_jobs_row per job where ROWS stands. One statement per chunk instead of one per row saves
+-- most of the per-row cost (statement steps, the AUTOINCREMENT counter update). Each slot of
+-- insert_jobs_row is filled with a numbered parameter (?N): a value every job of the chunk shares
+-- is one parameter that all rows name, because binding a parameter costs more than SQLite's
+-- whole insert of the row (a chunk whose jobs differ in payload only binds one value per job).
 INSERT INTO jobs (queue, handler, payload, status, max_attempts, policy, run_at, created_at,
                   updated_at, timeout, batch_id, item_index, event_scope, meta)
 VALUES {rows}
 
 -- name: insert_jobs_row
-(?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-
--- name: last_insert_rowid
-SELECT last_insert_rowid()
+({queue}, {handler}, {payload}, 'pending', {max_attempts}, {policy}, {run_at}, {now}, {now},
+ {timeout}, {batch_id}, {item_index}, {event_scope}, {meta})
 
 -- name: jobs_in_id_range
 SELECT * FROM jobs WHERE id > ? AND id <= ? ORDER BY id
@@ -46,6 +47,20 @@ RETURNING *
 -- walks its partial index in (run_at, id) order from the queue's oldest entry and stops at the
 -- limit or at the first job not yet due. `_one` takes a single queue (no sort at all), `_any` a
 -- JSON list of queues (their due entries are merged by a sort).
+
+-- name: claim_check_one
+-- First in a claim's transaction: PRAGMA data_version (no other connection can commit before
+-- ours does, so it is the version our commit leaves), and whether a retrying job of the queue is
+-- due. Most claims find none and skip the retrying statement.
+SELECT (SELECT data_version FROM pragma_data_version()),
+       EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_retrying
+                WHERE status = 'retrying' AND queue = :queue AND run_at <= :now)
+
+-- name: claim_check_any
+SELECT (SELECT data_version FROM pragma_data_version()),
+       EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_retrying
+                WHERE status = 'retrying' AND queue IN (SELECT value FROM json_each(:queues))
+                  AND run_at <= :now)
 
 -- name: claim_retrying_one
 UPDATE jobs
