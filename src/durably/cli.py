@@ -332,7 +332,10 @@ def find_app(imports: Sequence[str], app_ref: str | None) -> Durably:
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Most jobs one claim takes (default: half of --concurrency).",
+    help=(
+        "Most jobs one claim takes (default: concurrency + prefetch, and half of "
+        "--concurrency while retries are due within seconds)."
+    ),
 )
 @click.option(
     "--retention",

@@ -436,6 +436,38 @@ async def test_a_claimed_job_starts_before_the_worker_reads_the_schedule(app: Du
     assert started_when_read[0] == [1]
 
 
+async def test_claims_shrink_while_retries_are_due_soon(app: Durably) -> None:
+    # Whole-room claims while there are none (each claim is a commit); half the concurrency
+    # once this worker scheduled a retry due within seconds, so it is claimed promptly.
+    limits: list[tuple[int, list[tuple[str, int]]]] = []
+
+    @app.operation("flaky", policy=RetryPolicy(max_attempts=3, fixed=0.001, jitter="none"))
+    async def flaky(payload: JSON, context: JobContext) -> None:
+        if context.attempt == 1:
+            raise ConnectionError("first attempt fails")
+
+    @app.operation("fine")
+    async def fine(payload: JSON) -> None:
+        await asyncio.sleep(0)
+
+    store = await app.store_async()
+    claim = store.claim
+
+    async def spying(request: ClaimRequest) -> list[Job]:
+        jobs = await claim(request)
+        limits.append((request.limit, [(j.handler, j.attempts) for j in jobs]))
+        return jobs
+
+    store.claim = spying  # type: ignore[method-assign]
+    await app.enqueue_async("flaky")
+    await app.enqueue_many_async([{"handler": "fine"}] * 30)
+    await bounded(quick_worker(app, concurrency=4, prefetch=4).run())
+
+    assert limits[0][0] == 8
+    (retry_claim,) = [limit for limit, got in limits if ("flaky", 2) in got]
+    assert retry_claim <= 2
+
+
 async def test_retries_are_logged_as_info_and_dead_letters_as_warnings(
     clocked: Durably, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
