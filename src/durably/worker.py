@@ -54,6 +54,7 @@ log = logging.getLogger("durably.worker")
 
 _RETRY_SOON = 5.0
 """Retries due within this many seconds make the worker claim in smaller batches meanwhile."""
+_UNKNOWN = float("inf")
 
 
 def _job_extra(job: Job, **more: object) -> dict[str, object]:
@@ -193,7 +194,10 @@ class Worker:
         # 50). Otherwise they stay large: each claim is a commit (on SQLite, drains ran 25%
         # slower with the small claims).
         self._retry_batch_size = batch_size or max(concurrency // 2, 1)
-        self._retries_due_until = 0.0  # monotonic time the last of those retries is due by
+        # The monotonic time the last of those retries is due by. Until its first endings are
+        # written the worker cannot know whether its jobs retry, so it starts with small claims
+        # (a first whole-room claim of jobs that all fail made their retries due all at once).
+        self._retries_due_until = _UNKNOWN
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
@@ -535,6 +539,8 @@ class Worker:
                 raise
             finally:
                 self._writing = False
+            if self._retries_due_until == _UNKNOWN:
+                self._retries_due_until = 0.0  # now it shows whether this work retries
             for completion, ok in zip(batch, applied, strict=True):
                 self._account(completion, ok)
             self._progress.set()
