@@ -254,40 +254,59 @@ if tuple(f.name for f in dataclasses.fields(Job)) != _JOB_FIELDS:
     raise ImportError("durably.job.Job has new fields: update durably.store.redis._JOB_FIELDS")
 
 
-def _job(fields: Mapping[str, str]) -> Job:
-    """A :class:`Job` from its hash fields (a missing field is ``None``)."""
+def _job(fields: Mapping[str, str], claim: _Claimed | None = None, token: str | None = None) -> Job:
+    """A :class:`Job` from its hash fields (a missing field is ``None``); with ``claim``, as the
+    claim that read them (under lease ``token``) left the job."""
     g = fields.get
     max_attempts = g("max_attempts")
     timeout = g("timeout")
     item_index = g("item_index")
-    lease_expires_at = g("lease_expires_at")
     first_attempt_at = g("first_attempt_at")
     finished_at = g("finished_at")
     result = g("result")
-    return Job(
+    if claim is None:
+        lease_expires_at = g("lease_expires_at")
+        status = _STATUSES[fields["status"]]
+        attempts = int(fields["attempts"])
+        version = int(fields["version"])
+        updated_at = _dt(fields["updated_at"])
+        worker_id, lease_token = g("worker_id"), g("lease_token")
+        expires = None if lease_expires_at is None else _dt(lease_expires_at)
+        cancel_requested = g("cancel_requested") == "1"
+        first = None if first_attempt_at is None else _dt(first_attempt_at)
+    else:  # the claim's writes, the same as claim.lua's
+        status = Status.RUNNING
+        attempts = int(fields["attempts"]) + 1
+        version = int(fields["version"]) + 1
+        updated_at = claim.now
+        worker_id, lease_token = claim.worker_id, token
+        expires = claim.expires
+        cancel_requested = False
+        first = claim.now if first_attempt_at is None else _dt(first_attempt_at)
+    return Job(  # positional: see _JOB_FIELDS
         int(fields["id"]),
         fields["queue"],
         fields["handler"],
         _loads(fields["payload"]),
-        _STATUSES[fields["status"]],
-        int(fields["attempts"]),
+        status,
+        attempts,
         None if max_attempts is None else int(max_attempts),
         _object(g("policy", "{}")),
         _dt(fields["run_at"]),
-        int(fields["version"]),
+        version,
         _dt(fields["created_at"]),
-        _dt(fields["updated_at"]),
+        updated_at,
         g("key"),
         None if timeout is None else float(timeout),
         g("batch_id"),
         None if item_index is None else int(item_index),
         g("event_scope"),
         _object(g("meta", "{}")),
-        g("worker_id"),
-        g("lease_token"),
-        None if lease_expires_at is None else _dt(lease_expires_at),
-        g("cancel_requested") == "1",
-        None if first_attempt_at is None else _dt(first_attempt_at),
+        worker_id,
+        lease_token,
+        expires,
+        cancel_requested,
+        first,
         None if finished_at is None else _dt(finished_at),
         g("classification"),
         g("last_error"),
@@ -634,47 +653,7 @@ class _Claimed:
 
     def job(self, row: Sequence[str], token: str) -> Job:
         flat = iter(row)
-        fields = dict(zip(flat, flat, strict=True))
-        g = fields.get
-        max_attempts = g("max_attempts")
-        timeout = g("timeout")
-        item_index = g("item_index")
-        first_attempt_at = g("first_attempt_at")
-        finished_at = g("finished_at")
-        result = g("result")
-        now = self.now
-        return Job(  # positional: see _JOB_FIELDS; as _job() would read the claimed hash
-            int(fields["id"]),
-            fields["queue"],
-            fields["handler"],
-            _loads(fields["payload"]),
-            Status.RUNNING,
-            int(fields["attempts"]) + 1,
-            None if max_attempts is None else int(max_attempts),
-            _object(g("policy", "{}")),
-            _dt(fields["run_at"]),
-            int(fields["version"]) + 1,
-            _dt(fields["created_at"]),
-            now,
-            g("key"),
-            None if timeout is None else float(timeout),
-            g("batch_id"),
-            None if item_index is None else int(item_index),
-            g("event_scope"),
-            _object(g("meta", "{}")),
-            self.worker_id,
-            token,
-            self.expires,
-            False,
-            now if first_attempt_at is None else _dt(first_attempt_at),
-            None if finished_at is None else _dt(finished_at),
-            g("classification"),
-            g("last_error"),
-            g("last_error_type"),
-            None if result is None else _loads(result),
-            g("operator"),
-            g("operator_notes"),
-        )
+        return _job(dict(zip(flat, flat, strict=True)), self, token)
 
 
 def _load_script(name: str) -> str:
