@@ -84,6 +84,7 @@ from durably.job import (
     NewJob,
     Outcome,
     Status,
+    dumps_json,
     loads_json,
 )
 from durably.store import mask_url
@@ -166,18 +167,14 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-"""``json.dumps(value, separators=(",", ":"), allow_nan=False)`` without building an encoder per
-call. Its output is ASCII and never holds a raw newline, which enqueue.lua relies on."""
-
-
 _SCALARS = (str, int, float, bool, type(None))
 
 
 def _dumps(value: JSON, what: str) -> str:
+    """Compact JSON (ASCII, so never a raw newline, which enqueue.lua relies on)."""
     try:
-        return _ENCODE(value)
-    except (TypeError, ValueError) as exc:
+        return dumps_json(value)
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: a circular value
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
