@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
+import psycopg.types.json
 import pytest
 
 from conftest import unique_name
 from durably.errors import ConfigError, PayloadError, SchemaTooNew, StoreUnavailable
-from durably.job import Completion, NewJob, Outcome, Status
+from durably.job import Completion, JobFilter, NewJob, Outcome, Status
 from durably.store import from_url
 from durably.store.base import ClaimRequest
 from durably.store.postgres import PostgresStore, _job_rows
@@ -116,6 +117,37 @@ async def test_migrations_are_applied_once_and_recorded(
     assert rows == [(m.version, m.name) for m in MIGRATIONS]
 
 
+async def test_a_version_3_schema_keeps_its_jobs_policies_through_migration_4(
+    make: StoreFactory, pg_url: str, schema: str
+) -> None:
+    # 004 turns the policy column from jsonb into json: a job stored before reads the same.
+    policy = {"max_attempts": 3, "initial": 0.5, "jitter": "full", "budget": None}
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        name = psycopg.sql.Identifier(schema)
+        conn.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(name))
+        conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(name))
+        conn.execute(
+            "CREATE TABLE durably_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL)"
+        )
+        for migration in MIGRATIONS[:3]:
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                "INSERT INTO durably_migrations VALUES (%s, %s, now())",
+                (migration.version, migration.name),
+            )
+        conn.execute(
+            "INSERT INTO jobs (queue, handler, payload, policy, run_at, created_at, updated_at)"
+            " VALUES ('default', 'h', '{}', %s, now(), now(), now())",
+            (psycopg.types.json.Jsonb(policy),),
+        )
+    store = make()
+    await store.open()
+    assert await store.schema_version() == len(MIGRATIONS)
+    [job] = await store.list_jobs(JobFilter(), limit=10)
+    assert job.policy == policy
+
+
 async def test_concurrent_open_of_four_stores_is_safe(make: StoreFactory) -> None:
     stores = [make() for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))
@@ -167,7 +199,7 @@ EXPECTED_COLUMNS = {
         ("status", "text", "NO"),
         ("attempts", "integer", "NO"),
         ("max_attempts", "integer", "YES"),
-        ("policy", "jsonb", "NO"),
+        ("policy", "json", "NO"),
         ("run_at", "timestamp with time zone", "NO"),
         ("version", "bigint", "NO"),
         ("created_at", "timestamp with time zone", "NO"),
@@ -583,6 +615,38 @@ async def test_bulk_enqueue_returns_exactly_what_get_reads(store: PostgresStore)
     first, second = results[1].job, results[2].job
     assert first.policy == second.policy
     assert first.policy is not second.policy  # unshared: one job's copy is its own
+
+
+async def _stored(store: PostgresStore) -> list[tuple[int, Any]]:
+    async with store._connection("test") as conn:
+        cur = await conn.execute("SELECT id, payload FROM jobs ORDER BY id")
+        return [(row["id"], row["payload"]) for row in await cur.fetchall()]
+
+
+async def test_a_bulk_enqueue_found_uncopyable_mid_stream_is_stored_once_by_sql(
+    store: PostgresStore,
+) -> None:
+    # Slices are sent as they are encoded: a payload in the third slice that only the SQL path
+    # stores faithfully (jsonb reads 1e+23 back as an integer) abandons the COPY already under
+    # way. Its rows are rolled back and every job is stored once, in order, as get reads it.
+    payloads: list[Any] = [{"i": i} for i in range(2_500)]
+    payloads[2_100] = {"big": 1e23}
+    results = await store.enqueue([NewJob("h", p) for p in payloads])
+    assert await _stored(store) == [(r.job.id, r.job.payload) for r in results]
+    assert [r.job.payload for r in results[:2_100]] == payloads[:2_100]
+    assert results[2_100].job.payload == {"big": 10**23}  # read back from the row
+    assert results[2_100].job == await store.get(results[2_100].job.id)
+
+
+async def test_a_payload_error_mid_stream_stores_nothing(store: PostgresStore) -> None:
+    payloads: list[Any] = [{"i": i} for i in range(2_500)]
+    payloads[1_700] = {"not json": {1, 2}}
+    with pytest.raises(PayloadError, match="job #1700"):
+        await store.enqueue([NewJob("h", p) for p in payloads])
+    assert await _stored(store) == []
+    # The store is still usable, and a later batch is streamed whole.
+    results = await store.enqueue([NewJob("h", {"i": i}) for i in range(2_500)])
+    assert [job_id for job_id, _ in await _stored(store)] == [r.job.id for r in results]
 
 
 async def test_jobs_are_read_whatever_the_column_list(store: PostgresStore) -> None:

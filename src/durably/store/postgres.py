@@ -451,7 +451,7 @@ class _Shape(NamedTuple):
                 _text(self.queue),
                 _text(self.handler),
                 _int4(self.max_attempts),
-                _jsonb(self.policy.encode()),
+                _text(self.policy),  # json's binary form is its text
                 _NULL if self.timeout is None else _FLOAT8.pack(8, self.timeout),
                 _text(self.event_scope),
                 _jsonb(self.meta.encode()),
@@ -466,39 +466,68 @@ class _Shape(NamedTuple):
         return now + timedelta(microseconds=round(self.delay * 1e6))
 
 
-class _CopyBatch:
-    """Jobs without keys, ready for COPY: nothing to look up, so no row needs reading back.
+class _NotCopyable(Exception):
+    """A job met while streaming a COPY needs the SQL path: the COPY is abandoned."""
 
-    Each distinct policy, meta and :class:`_Shape` is encoded once; payloads arrive encoded
-    (``NewJob.payload_json``) or are encoded here, and are decoded back in one call, so the
-    returned jobs hold exactly what ``get`` will read.
+
+class _CopyBatch:
+    """Jobs without keys, COPYed in slices of ``_COPY_CHUNK`` rows: nothing to look up, so no row
+    needs reading back.
+
+    A slice is checked and encoded (:meth:`add`), sent (:meth:`data`) and its jobs built
+    (:meth:`results`) while the server stores the slices before it, so the server starts after
+    the first slice instead of after the whole batch. Each distinct policy, meta and
+    :class:`_Shape` is encoded once; payloads arrive encoded (``NewJob.payload_json``) or are
+    encoded here, and are decoded back one slice per call, so the returned jobs hold exactly what
+    ``get`` will read.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.queues: list[str] = []
+    def __init__(self, jobs: Sequence[NewJob]) -> None:
+        self.jobs = jobs
+        self.size = len(jobs)
+        # Distinct queues, in order, for the reserve's notification; computed before any slice.
+        self.queues: list[str] = list(dict.fromkeys([job.queue for job in jobs]))
         self.shapes: list[_Shape] = []
         self.shape_of: list[int] = []
         self.batch_ids: list[str | None] = []
         self.item_indexes: list[int | None] = []
         self.payloads: list[Any] = []
         self.rows: list[bytes] = []  # per job, its payload, batch_id and item_index fields
+        self._numbers: dict[_Shape, int] = {}
+        self._seen: dict[tuple[Any, ...], int] = {}  # the same, by identity and value: cheaper
+        self._encoded: dict[int, str] = {}  # id(policy or meta mapping) -> its JSON
+        self._batch_fields: dict[str | None, bytes] = {None: _NULL}
+        self._fields: list[bytes] = []  # per shape: its columns at the reserved now
+        self._templates: list[tuple[list[Any], Callable[[], Any], Callable[[], Any]]] = []
 
     @classmethod
-    def prepare(cls, jobs: Sequence[NewJob]) -> _CopyBatch | None:
-        """The batch, or None when a job needs the SQL path (a key, an odd value).
+    def of(cls, jobs: Sequence[NewJob]) -> _CopyBatch | None:
+        """The batch, or None when a cheap look shows a job that needs the SQL path (a key, a
+        queue that is no string); :meth:`add` finds the rarer cases."""
+        if any(job.key is not None for job in jobs):
+            return None
+        batch = cls(jobs)
+        return batch if all(type(queue) is str for queue in batch.queues) else None
 
-        Raises :class:`PayloadError` for a payload, policy or meta that is not JSON.
-        """
-        batch = cls(len(jobs))
+    def slices(self) -> Iterator[tuple[int, int]]:
+        for start in range(0, self.size, _COPY_CHUNK):
+            yield start, min(start + _COPY_CHUNK, self.size)
+
+    def add_all(self) -> bool:
+        """:meth:`add` every slice: whether the whole batch can be COPYed."""
+        return all(self.add(start, stop) for start, stop in self.slices())
+
+    def add(self, start: int, stop: int) -> bool:
+        """Check and encode jobs ``start`` to ``stop`` (the next ones); False when one needs the
+        SQL path (a key, an odd value). Raises :class:`PayloadError` for a payload, policy or
+        meta that is not JSON."""
         texts: list[str] = []
-        encoded: dict[int, str] = {}  # id(policy or meta mapping) -> its JSON
-        shapes: dict[_Shape, int] = {}
-        seen: dict[tuple[Any, ...], int] = {}  # the same, by identity and value: cheaper
-        shape_of, batch_ids, item_indexes = batch.shape_of, batch.batch_ids, batch.item_indexes
-        for index, job in enumerate(jobs):
+        shapes, seen, encoded = self._numbers, self._seen, self._encoded
+        shape_of, batch_ids, item_indexes = self.shape_of, self.batch_ids, self.item_indexes
+        for index in range(start, stop):
+            job = self.jobs[index]
             if job.key is not None or not _plain(job):
-                return None
+                return False
             text = job.payload_json
             texts.append(
                 _json(job.payload, f"job #{index} ({job.handler!r})") if text is None else text
@@ -520,65 +549,71 @@ class _CopyBatch:
             if number is None:
                 shape = _Shape.of(job, index, encoded)
                 if shape is None:
-                    return None
+                    return False
                 number = shapes.get(shape)
                 if number is None:
-                    number = shapes[shape] = len(batch.shapes)
-                    batch.shapes.append(shape)
-                    if shape.queue not in batch.queues:
-                        batch.queues.append(shape.queue)
+                    number = shapes[shape] = len(self.shapes)
+                    self.shapes.append(shape)
                 seen[seen_key] = number
             shape_of.append(number)
             batch_ids.append(job.batch_id)
             item_indexes.append(job.item_index)
-        # Every payload checked, decoded and encoded in one pass each (C speed); they are joined
-        # on a character no JSON text holds raw.
+        # The slice's payloads checked, decoded and encoded in one pass each (C speed); they are
+        # joined on a character no JSON text holds raw.
         joined = "\x00".join(texts)
         if _POSITIVE_EXPONENT.search(joined) or joined.count("\x00") != len(texts) - 1:
-            return None
+            return False
         try:
-            batch.payloads = json.loads("[" + ",".join(texts) + "]")
+            payloads = json.loads("[" + ",".join(texts) + "]")
         except ValueError:
-            return None  # not JSON after all: let the server say so on the SQL path
-        if len(batch.payloads) != len(texts):
-            return None
-        batch_fields = {batch_id: _text(batch_id) for batch_id in set(batch_ids)}
-        batch.rows = [
+            return False  # not JSON after all: let the server say so on the SQL path
+        if len(payloads) != len(texts):
+            return False
+        self.payloads += payloads
+        batch_fields = self._batch_fields
+        for batch_id in set(batch_ids[start:stop]):
+            if batch_id not in batch_fields:
+                batch_fields[batch_id] = _text(batch_id)
+        self.rows += [
             _jsonb(payload) + batch_fields[batch_id] + _int4(item)
             for payload, batch_id, item in zip(
-                joined.encode().split(b"\x00"), batch_ids, item_indexes, strict=True
+                joined.encode().split(b"\x00"),
+                batch_ids[start:stop],
+                item_indexes[start:stop],
+                strict=True,
             )
         ]
-        return batch
+        return True
 
-    def chunks(self, ids: Sequence[int], now: datetime) -> Iterator[bytes]:
-        """The COPY data, ``_COPY_CHUNK`` rows at a time."""
-        fields = [shape.fields(now) for shape in self.shapes]
+    def data(self, start: int, stop: int, ids: Sequence[int], now: datetime) -> bytes:
+        """The COPY data of the added jobs ``start`` to ``stop``: the file header before the
+        first, the trailer after the last."""
+        fields = self._fields
+        for shape in self.shapes[len(fields) :]:
+            fields.append(shape.fields(now))
         head = _ROW_HEAD.pack
-        yield _SIGNATURE
-        for start in range(0, self.size, _COPY_CHUNK):
-            stop = start + _COPY_CHUNK
-            yield b"".join(
-                [
-                    head(_COLUMNS, 8, job_id) + row + fields[number]
-                    for job_id, row, number in zip(
-                        ids[start:stop],
-                        self.rows[start:stop],
-                        self.shape_of[start:stop],
-                        strict=True,
-                    )
-                ]
-            )
-        yield _TRAILER
+        data = b"".join(
+            [
+                head(_COLUMNS, 8, job_id) + row + fields[number]
+                for job_id, row, number in zip(
+                    ids[start:stop], self.rows[start:stop], self.shape_of[start:stop], strict=True
+                )
+            ]
+        )
+        if start == 0:
+            data = _SIGNATURE + data
+        return data + _TRAILER if stop == self.size else data
 
-    def results(self, ids: Sequence[int], now: datetime) -> list[EnqueueResult]:
-        """The stored jobs, equal to what ``get`` reads (each with its own policy and meta)."""
+    def results(
+        self, start: int, stop: int, ids: Sequence[int], now: datetime
+    ) -> list[EnqueueResult]:
+        """The stored jobs ``start`` to ``stop``, equal to what ``get`` reads (each with its own
+        policy and meta)."""
         now = _at(now)
         # One Job per shape, its field values the template of every job of that shape: a list
         # copy and six stores per job, then Job's positional constructor.
-        templates = []
-        for shape in self.shapes:
-            policy, meta = _copier(shape.policy), _copier(shape.meta)
+        templates = self._templates
+        for shape in self.shapes[len(templates) :]:
             model = Job(
                 id=0,
                 queue=shape.queue,
@@ -596,11 +631,16 @@ class _CopyBatch:
                 event_scope=shape.event_scope,
                 meta={},
             )
-            templates.append((list(_JOB_VALUES(model)), policy, meta))
+            templates.append((list(_JOB_VALUES(model)), _copier(shape.policy), _copier(shape.meta)))
         out: list[EnqueueResult] = []
         append = out.append
         for job_id, payload, number, batch_id, item in zip(
-            ids, self.payloads, self.shape_of, self.batch_ids, self.item_indexes, strict=True
+            ids[start:stop],
+            self.payloads[start:stop],
+            self.shape_of[start:stop],
+            self.batch_ids[start:stop],
+            self.item_indexes[start:stop],
+            strict=True,
         ):
             template, policy, meta = templates[number]
             values = template.copy()
@@ -987,35 +1027,43 @@ class PostgresStore:
         return _at(row["now"]), range(row["low"], row["high"] + 1) if ids is None else ids
 
     async def _enqueue_copy(
-        self, conn: psycopg.AsyncConnection[Any], batch: _CopyBatch
+        self, conn: psycopg.AsyncConnection[Any], batch: _CopyBatch, *, added: bool
     ) -> list[EnqueueResult]:
         """Reserve ids, COPY the rows, build the jobs while the server stores them. The caller
-        holds the transaction."""
+        holds the transaction. Unless every slice is ``added`` already, each is added just
+        before it is sent: a job that needs the SQL path then raises :class:`_NotCopyable`."""
+        out: list[EnqueueResult] = []
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(_Q["enqueue_reserve"], self._reserve_params(batch))
             now, ids = self._reserved(await cur.fetchone())
-            # libpq sends each chunk on as it comes: the server parses while we format the next
-            # one and build the results.
+            # libpq sends each slice on as it comes: the server stores it while we build its jobs
+            # and encode the next.
             async with cur.copy(self._sql["enqueue_copy"]) as copy:
-                for chunk in batch.chunks(ids, now):
-                    await copy.write(chunk)
-                results = batch.results(ids, now)
-        return results
+                for start, stop in batch.slices():
+                    if not added and not batch.add(start, stop):
+                        raise _NotCopyable
+                    await copy.write(batch.data(start, stop, ids, now))
+                    out += batch.results(start, stop, ids, now)
+        return out
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[EnqueueResult]:
         """Insert all jobs in order and notify waiting workers, in one transaction.
 
-        Large batches without keys are COPYed (ids reserved first, jobs built here); others take
+        Large batches without keys are COPYed (ids reserved first, each slice sent as soon as it
+        is encoded, jobs built here); a batch that turns out to need it, and any other, takes
         one ``INSERT ... ON CONFLICT`` statement that settles keys.
         """
         if not jobs:
             return []
-        batch = _CopyBatch.prepare(jobs) if len(jobs) >= _COPY_MIN else None
+        batch = _CopyBatch.of(jobs) if len(jobs) >= _COPY_MIN else None
         async with self._connection("enqueue") as conn:
-            if batch is None or conn.info.encoding != "utf-8":
-                return await self._enqueue_async(conn, _EnqueuePlan(jobs))
-            async with conn.transaction():
-                return await self._enqueue_copy(conn, batch)
+            if batch is not None and conn.info.encoding == "utf-8":
+                try:
+                    async with conn.transaction():
+                        return await self._enqueue_copy(conn, batch, added=False)
+                except _NotCopyable:
+                    pass  # rolled back: ids skipped, nothing stored, nobody notified
+            return await self._enqueue_async(conn, _EnqueuePlan(jobs))
 
     async def enqueue_with_async(
         self, connection: psycopg.AsyncConnection[Any], jobs: Sequence[NewJob]
@@ -1031,11 +1079,14 @@ class PostgresStore:
             )
         if not jobs:
             return []
-        batch = _CopyBatch.prepare(jobs) if _bulk(connection, jobs) else None
+        batch = _CopyBatch.of(jobs) if _bulk(connection, jobs) else None
+        # The caller's transaction cannot be rolled back here: every slice is added first.
+        if batch is not None and not batch.add_all():
+            batch = None
         with _translated(self.url, "enqueue_with_async"):
             if batch is None:
                 return await self._enqueue_async(connection, _EnqueuePlan(jobs), ours=False)
-            return await self._enqueue_copy(connection, batch)
+            return await self._enqueue_copy(connection, batch, added=True)
 
     def enqueue_with(
         self, connection: psycopg.Connection[Any], jobs: Sequence[NewJob]
@@ -1056,7 +1107,9 @@ class PostgresStore:
             )
         if not jobs:
             return []
-        batch = _CopyBatch.prepare(jobs) if _bulk(connection, jobs) else None
+        batch = _CopyBatch.of(jobs) if _bulk(connection, jobs) else None
+        if batch is not None and not batch.add_all():
+            batch = None
         with (
             _translated(self.url, "enqueue_with"),
             connection.cursor(row_factory=dict_row) as cur,
@@ -1064,10 +1117,12 @@ class PostgresStore:
             if batch is not None:
                 cur.execute(_Q["enqueue_reserve"], self._reserve_params(batch))
                 now, ids = self._reserved(cur.fetchone())
+                results: list[EnqueueResult] = []
                 with cur.copy(self._sql["enqueue_copy"]) as copy:
-                    for chunk in batch.chunks(ids, now):
-                        copy.write(chunk)
-                return batch.results(ids, now)
+                    for start, stop in batch.slices():
+                        copy.write(batch.data(start, stop, ids, now))
+                        results += batch.results(start, stop, ids, now)
+                return results
             plan = _EnqueuePlan(jobs)
             for _ in range(_ENQUEUE_ROUNDS):
                 name, params = plan.insert(self._now(), self._sequence, self.channel)

@@ -14,7 +14,7 @@ SELECT * FROM jobs WHERE key = %(key)s AND status IN ('pending', 'running', 'ret
 
 -- name: upsert_live
 UPDATE jobs
-   SET payload = %(payload)s::jsonb, meta = %(meta)s::jsonb, policy = %(policy)s::jsonb,
+   SET payload = %(payload)s::jsonb, meta = %(meta)s::jsonb, policy = %(policy)s::json,
        max_attempts = %(max_attempts)s, timeout = %(timeout)s, event_scope = %(event_scope)s,
        queue = %(queue)s, handler = %(handler)s,
        version = version + 1, updated_at = coalesce(%(now)s::timestamptz, now())
