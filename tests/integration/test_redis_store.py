@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -662,3 +662,53 @@ async def test_a_policy_changed_in_place_is_encoded_again(open_store: OpenStore)
     [third] = await store.enqueue([NewJob("h", None, policy=policy)])
     got = [(await store.get(r.job.id)).policy["initial"] for r in (first, second, third)]
     assert [(v, type(v)) for v in got] == [(1, int), (1.0, float), (2, int)]
+
+
+async def test_a_mixed_enqueue_indexes_every_created_job(
+    open_store: OpenStore, admin: aioredis.Redis
+) -> None:
+    """Runs of one template broken up by keys and item indexes, two queues, a batch and a delay:
+    every created job is in each index it belongs to, with the right score, and counted once."""
+    store = await open_store()
+    [held] = await store.enqueue([NewJob("h", None, key="held")])
+    jobs = [
+        NewJob(
+            "h",
+            {"i": i},
+            queue="q2" if i % 3 == 0 else "q1",
+            key=("held" if i == 4 else f"k{i}") if i % 4 == 0 else None,
+            item_index=i if i % 5 == 0 else None,
+            batch_id="b" if i % 2 else None,
+            delay=5.0 if i % 7 == 0 else 0.0,
+        )
+        for i in range(300)
+    ]
+    results = await store.enqueue(jobs)
+    assert [i for i, r in enumerate(results) if not r.created] == [4]
+    created = [r.job for r in results if r.created] + [held.job]
+    root = "{" + store.prefix + "}"
+
+    async def index(name: str) -> dict[int, float]:
+        pairs = await admin.zrange(f"{root}:{name}", 0, -1, withscores=True)
+        assert all(member == f"{int(member):016d}" for member, _ in pairs)
+        return {int(member): score for member, score in pairs}
+
+    everyone = {j.id: float(j.id) for j in created}
+    assert await index("all") == everyone
+    assert await index("status:pending") == everyone
+    for queue in ("q1", "q2"):
+        assert await index(f"due:{queue}") == {
+            j.id: float((j.run_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1))
+            for j in created
+            if j.queue == queue
+        }
+    assert await index("batch:b") == {j.id: float(j.id) for j in created if j.batch_id == "b"}
+    assert await store.counts() == {
+        (queue, Status.PENDING): sum(j.queue == queue for j in created)
+        for queue in ("default", "q1", "q2")
+    }
+    assert await admin.hgetall(f"{root}:batchcounts:b") == {"pending": "150"}
+    for j in created:
+        if j.key is not None:
+            assert await admin.zrange(f"{root}:key:{j.key}", 0, -1) == [f"{j.id:016d}"]
+            assert await admin.hget(f"{root}:keys", j.key) == str(j.id)
