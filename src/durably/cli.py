@@ -397,6 +397,7 @@ def worker(
         lease_seconds=lease,
         poll_interval=poll,
         shutdown_timeout=shutdown_timeout,
+        freeze_heap=True,  # this process is the worker's
     )
     logging.getLogger("durably.cli").info(
         "worker finished on %s: %s", mask_url(app.url), stats or "no jobs"

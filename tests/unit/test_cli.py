@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Iterator
@@ -332,10 +333,16 @@ def test_worker_runs_the_module_app_on_the_given_url(
     producer = durably.Durably(url, strict=False)
     job = producer.enqueue("double", 21)
 
-    result = run(
-        "worker", "--import", "durably_cli_tasks", "--url", url, "--burst", "--concurrency", "2",
-        "--poll", "0.05",
-    )  # fmt: skip
+    assert gc.get_freeze_count() == 0
+    try:
+        result = run(
+            "worker", "--import", "durably_cli_tasks", "--url", url, "--burst",
+            "--concurrency", "2", "--poll", "0.05",
+        )  # fmt: skip
+        # The process is the worker's: its start-up heap is frozen out of the collector.
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process is not
 
     assert result.exit_code == 0, result.output
     done = producer.get(job.id)
