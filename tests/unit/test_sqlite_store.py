@@ -3,9 +3,12 @@ the wake-up channel's cached listing, and the store's own thread."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 
 from durably.errors import JobNotFound, StoreError
 from durably.job import Job, NewJob, Status
-from durably.store.sqlite import SQLiteStore, _build, _Targets, _wake_processes
+from durably.store.sqlite import SQLiteStore, _build, _Listener, _Targets, _wake_processes
 
 POLICY = {"max_attempts": 3, "backoff": "exponential", "base": 1.0}
 
@@ -193,3 +196,44 @@ def test_wake_up_listing_is_reused_only_while_the_folder_is_unchanged(tmp_path: 
             own.close()
     finally:
         receiver.close()
+
+
+async def test_a_datagram_wakes_the_waiters_of_every_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process wakes this one with one datagram, read by the event loops that wait; the
+    # loop that drains it must wake the waiters of the other loops too. The data_version poll
+    # is set far beyond the wait, so only the datagram can end the waits early.
+    path = str(tmp_path / "jobs.db")
+    attached = threading.Semaphore(0)
+    attach = _Listener.attach
+
+    def counting(self: _Listener, loop: asyncio.AbstractEventLoop) -> None:
+        attach(self, loop)
+        attached.release()
+
+    monkeypatch.setattr(_Listener, "attach", counting)
+
+    async def wait_elsewhere() -> bool:
+        other = SQLiteStore(path, wake_interval=60)
+        await other.open()
+        try:
+            return await other.wait(["default"], timeout=10)
+        finally:
+            await other.close()
+
+    here = SQLiteStore(path, wake_interval=60)
+    await here.open()
+    try:
+        waiting_here = asyncio.create_task(here.wait(["default"], timeout=10))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            elsewhere = pool.submit(asyncio.run, wait_elsewhere())
+            for _ in range(2):
+                assert await asyncio.to_thread(attached.acquire, timeout=10)
+            assert here._listener is not None
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"\0", here._listener.path)
+            assert await waiting_here is True
+            assert await asyncio.wrap_future(elsewhere) is True
+    finally:
+        await here.close()
