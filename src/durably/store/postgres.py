@@ -240,7 +240,8 @@ def _event(row: Mapping[str, Any]) -> Event:
     )
 
 
-def _new_job_item(job: NewJob, index: int) -> dict[str, Any]:
+def _new_job_item(job: NewJob, index: int) -> str:
+    """``job`` as the JSON object the insert statements read."""
     item = {
         "queue": job.queue,
         "handler": job.handler,
@@ -255,8 +256,7 @@ def _new_job_item(job: NewJob, index: int) -> dict[str, Any]:
         "event_scope": job.event_scope,
         "meta": dict(job.meta),
     }
-    _json(item, f"job #{index} ({job.handler!r})")
-    return item
+    return _json(item, f"job #{index} ({job.handler!r})")
 
 
 @contextlib.contextmanager
@@ -276,6 +276,7 @@ class _EnqueuePlan:
 
     def __init__(self, jobs: Sequence[NewJob]) -> None:
         self.jobs = list(jobs)
+        # Each job's JSON object, encoded once (the encoding is also its check).
         self.items = [_new_job_item(job, i) for i, job in enumerate(self.jobs)]
         self.results: list[EnqueueResult | None] = [None] * len(self.jobs)
         self.todo = list(range(len(self.jobs)))
@@ -289,13 +290,13 @@ class _EnqueuePlan:
             return "enqueue_one", {
                 "now": now,
                 "channel": channel,
-                "job": _dumps(self.items[self.todo[0]]),
+                "job": self.items[self.todo[0]],
             }
         return "enqueue", {
             "now": now,
             "sequence": sequence,
             "channel": channel,
-            "jobs": _dumps([self.items[i] for i in self.todo]),
+            "jobs": "[" + ",".join([self.items[i] for i in self.todo]) + "]",
         }
 
     def take_one(self, jobs: Sequence[Job]) -> None:
