@@ -15,9 +15,11 @@ decides what the worker does next:
 - 2xx: the job succeeds with ``{"status", "headers", "body"}``;
 - network errors: :class:`HttpTransportError` (``transient``), timeouts :class:`HttpTimeoutError`
   (``timeout``), both retried;
-- 5xx and 429: retried after ``Retry-After`` when the server sends one
+- 5xx, 429, 408 and 425: retried after ``Retry-After`` when the server sends one
   (:class:`HttpRetryAfter`, a :class:`~durably.errors.RetryAfter`), otherwise
-  :class:`HttpStatusError` (``transient``, or ``rate_limited`` for 429) under the policy's backoff;
+  :class:`HttpStatusError` (``transient``; ``rate_limited`` for 429 Too Many Requests,
+  ``timeout`` for 408 Request Timeout; 425 Too Early asks for the same request later) under the
+  policy's backoff;
 - any other status: :class:`HttpClientError` (a :class:`~durably.errors.Permanent`, ``http_4xx``
   for 4xx), dead-lettered at once.
 
@@ -79,6 +81,9 @@ BODY_LIMIT = 64 * 1024
 _EXCERPT = 200
 _MAX_TIMEOUT = 3600.0
 _PAYLOAD_KEYS = frozenset({"url", "method", "headers", "json", "timeout"})
+# 4xx answers that say "not now" rather than "never" (RFC 9110 408, RFC 8470 425, RFC 6585
+# 429), with the classification their retries are counted under.
+_RETRIED_4XX: Mapping[int, str] = {408: "timeout", 425: "transient", 429: "rate_limited"}
 _RESULT_HEADERS = ("content-type", "location")
 _SECRET_NAMES = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
@@ -114,10 +119,11 @@ class HttpTimeoutError(HttpTransportError, TimeoutError):
 
 
 class HttpStatusError(HttpError):
-    """The server answered with a status worth retrying (5xx, 429) and no ``Retry-After``.
+    """The server answered with a status worth retrying (5xx, 429, 408, 425) and no
+    ``Retry-After``.
 
-    ``status_code`` holds the status; ``classification`` is ``transient`` (5xx) or
-    ``rate_limited`` (429).
+    ``status_code`` holds the status; ``classification`` is ``transient`` (5xx, 425),
+    ``rate_limited`` (429) or ``timeout`` (408).
     """
 
     def __init__(self, message: str, status_code: int, classification: str) -> None:
@@ -127,14 +133,16 @@ class HttpStatusError(HttpError):
 
 
 class HttpClientError(HttpStatusError, Permanent):
-    """The server refused the request (4xx but 429, or an unfollowed 3xx): never retried.
+    """The server refused the request (4xx but 408, 425 and 429, or an unfollowed 3xx): never
+    retried.
 
     ``classification`` is ``http_4xx`` for a 4xx, ``permanent`` otherwise.
     """
 
 
 class HttpRetryAfter(RetryAfter):
-    """A 5xx or 429 with ``Retry-After``: the next attempt waits ``seconds`` (policy-capped)."""
+    """A retried status (5xx, 429, 408, 425) with ``Retry-After``: the next attempt waits
+    ``seconds`` (policy-capped)."""
 
     def __init__(self, seconds: float, message: str, status_code: int) -> None:
         super().__init__(seconds, message)
@@ -468,12 +476,11 @@ def http_handler(
             return {"status": status, "headers": headers, "body": _body(raw, truncated, response)}
         excerpt = scrub(_excerpt(raw, response))
         message = f"{target} answered {status}" + (f": {excerpt}" if excerpt else "")
-        if status >= 500 or status == 429:
+        if status >= 500 or status in _RETRIED_4XX:
             delay = _retry_after(response.headers.get("retry-after"), now())
             if delay is not None:
                 raise HttpRetryAfter(delay, f"{message} (retry after {delay:g}s)", status)
-            kind = "rate_limited" if status == 429 else "transient"
-            raise HttpStatusError(message, status, kind)
+            raise HttpStatusError(message, status, _RETRIED_4XX.get(status, "transient"))
         kind = "http_4xx" if 400 <= status < 500 else "permanent"
         raise HttpClientError(message, status, kind)
 

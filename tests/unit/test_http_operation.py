@@ -227,6 +227,22 @@ async def test_429_without_retry_after_is_rate_limited(server: FlakyServer) -> N
     assert POLICY.is_retryable(info.value)
 
 
+@pytest.mark.parametrize(("status", "kind"), [(408, "timeout"), (425, "transient")])
+async def test_4xx_that_mean_not_now_are_retried(
+    server: FlakyServer, status: int, kind: str
+) -> None:
+    # 408 Request Timeout and 425 Too Early ask for the same request again later.
+    with pytest.raises(HttpStatusError) as info:
+        await call(server, Reply(status, body="later"))
+    assert not isinstance(info.value, Permanent)
+    assert info.value.status_code == status
+    assert POLICY.classify(info.value) == kind
+    assert POLICY.is_retryable(info.value)
+    with pytest.raises(RetryAfter) as after:
+        await call(server, Reply(status, headers={"Retry-After": "3"}))
+    assert after.value.seconds == 3.0
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 async def test_5xx_is_transient(server: FlakyServer, status: int) -> None:
     with pytest.raises(HttpStatusError) as info:
