@@ -8,6 +8,7 @@ import concurrent.futures
 import dataclasses
 import os
 import socket
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -237,3 +238,37 @@ async def test_a_datagram_wakes_the_waiters_of_every_event_loop(
             assert await asyncio.wrap_future(elsewhere) is True
     finally:
         await here.close()
+
+
+async def test_a_loop_that_cannot_watch_sockets_waits_by_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An event loop without add_reader (Windows' proactor) cannot read the wake-up socket: the
+    # wait falls back to the data_version poll and still sees another connection's commit.
+    path = str(tmp_path / "jobs.db")
+    store = SQLiteStore(path, wake_interval=0.01)
+    await store.open()
+    loop = asyncio.get_running_loop()
+
+    def refuse(*args: object) -> None:
+        raise NotImplementedError
+
+    monkeypatch.setattr(loop, "add_reader", refuse)
+    try:
+        waiter = asyncio.ensure_future(store.wait(["default"], 10.0))
+        other = sqlite3.connect(path)
+        try:
+            for i in range(100):  # until it wakes: a commit before its first read goes unseen
+                with other:
+                    other.execute("CREATE TABLE IF NOT EXISTS durably_poke (i INTEGER)")
+                    other.execute("INSERT INTO durably_poke VALUES (?)", (i,))
+                done, _ = await asyncio.wait({waiter}, timeout=0.05)
+                if done:
+                    break
+        finally:
+            other.close()
+        assert await waiter is True
+        assert store._listener is not None
+        assert not store._listener._loops  # it never watched the socket
+    finally:
+        await store.close()

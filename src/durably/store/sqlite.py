@@ -503,7 +503,12 @@ class _Listener:
             waits = self._loops.get(loop, 0)
             self._loops[loop] = waits + 1
         if not waits:
-            loop.add_reader(self._fd, self._readable, loop)
+            try:
+                loop.add_reader(self._fd, self._readable, loop)
+            except BaseException:
+                with self._lock:
+                    self._loops.pop(loop, None)
+                raise
 
     def detach(self, loop: asyncio.AbstractEventLoop) -> None:
         """One wait of ``loop`` (the running one) is over; the last stops its watching."""
@@ -1472,9 +1477,12 @@ class SQLiteStore:
                 self._can_listen = self._listener is not None  # else poll, without retrying
             interval = self._wake_interval
             if self._listener is not None:
-                listener = self._listener
-                listener.attach(loop)
-                interval = max(interval, _WAKE_POLL)
+                try:
+                    self._listener.attach(loop)
+                    listener = self._listener
+                    interval = max(interval, _WAKE_POLL)
+                except NotImplementedError:  # a loop that cannot watch sockets: poll
+                    pass
             version = await self._run(_data_version)
             if self.path != ":memory:" and self._seen_version not in (None, version):
                 self._seen_version = version
