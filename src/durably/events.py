@@ -208,6 +208,7 @@ class WebhookSink:
 
         self.url = url
         self._secret = secret.encode()
+        self._owns_client = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout)
         self._clock = clock
 
@@ -235,8 +236,9 @@ class WebhookSink:
             raise RuntimeError(f"webhook answered {response.status_code}")
 
     async def close(self) -> None:
-        """Close the HTTP client."""
-        await self._client.aclose()
+        """Close the HTTP client this sink made; a ``client`` passed in stays its owner's."""
+        if self._owns_client:
+            await self._client.aclose()
 
 
 class Publisher:

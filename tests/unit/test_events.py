@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import durably
@@ -314,6 +315,18 @@ async def test_a_webhook_answering_500_raises_from_deliver() -> None:
     assert sink.sign(timestamp, request.body) == expected_signature(
         "s3cret", timestamp, request.body
     )
+
+
+async def test_a_webhook_closes_only_the_client_it_made() -> None:
+    given = httpx.AsyncClient()
+    try:
+        await WebhookSink("https://example.com/hook", "s3cret", client=given).close()
+        assert not given.is_closed  # the caller's, to close
+    finally:
+        await given.aclose()
+    made = WebhookSink("https://example.com/hook", "s3cret")
+    await made.close()
+    assert made._client.is_closed
 
 
 @pytest.mark.parametrize(
