@@ -455,7 +455,8 @@ class _Listener:
     work runnable, the committing process sends one byte to every socket but its own
     (:func:`_wake_processes`). The socket is read by the event loops of this process's waiting
     workers (:meth:`attach` while a wait lasts): a datagram wakes a waiting loop directly, where
-    a receiving thread cost one more idle thread's wake-up (~0.3-0.7 ms on a quiet VM). Every
+    a receiving thread cost one more idle thread's wake-up, and a busy worker is not woken for
+    every commit of another process. Every
     loop with a waiter watches the socket, and whichever drains it wakes every waiter, so none
     misses the datagram another loop read. Between waits datagrams queue (a sender that finds
     the queue full drops its byte: the queue wakes the next waiter anyway). The socket takes the
