@@ -438,7 +438,8 @@ async def test_a_claimed_job_starts_before_the_worker_reads_the_schedule(app: Du
 
 async def test_claims_shrink_while_retries_are_due_soon(app: Durably) -> None:
     # Whole-room claims while jobs do not retry (each claim is a commit); a quarter of the
-    # concurrency once this worker scheduled a retry due within seconds, so it is claimed promptly.
+    # concurrency, but at least 10 jobs, once this worker scheduled a retry due within seconds,
+    # so it is claimed promptly without the worker becoming claim-bound.
     limits: list[tuple[int, list[tuple[str, int]]]] = []
 
     @app.operation("flaky", policy=RetryPolicy(max_attempts=3, fixed=0.001, jitter="none"))
@@ -460,17 +461,29 @@ async def test_claims_shrink_while_retries_are_due_soon(app: Durably) -> None:
 
     store.claim = spying  # type: ignore[method-assign]
     await app.enqueue_many_async([{"handler": "fine"}] * 30)
-    await bounded(quick_worker(app, concurrency=4, prefetch=4).run())
+    await bounded(quick_worker(app, concurrency=60, prefetch=60).run())
     # Small until the first endings show whether jobs retry; whole-room once they show none.
-    assert limits[0][0] == 1
-    assert max(limit for limit, _ in limits) == 8
+    assert limits[0][0] == 15
+    assert max(limit for limit, _ in limits) == 120
 
     limits.clear()
     await app.enqueue_async("flaky")
     await app.enqueue_many_async([{"handler": "fine"}] * 30)
-    await bounded(quick_worker(app, concurrency=4, prefetch=4).run())
+    await bounded(quick_worker(app, concurrency=60, prefetch=60).run())
     (retry_claim,) = [limit for limit, got in limits if ("flaky", 2) in got]
-    assert retry_claim == 1
+    assert retry_claim == 15
+
+    # A small worker's claims do not shrink below 10 jobs (nor beyond its whole room).
+    limits.clear()
+    await app.enqueue_async("flaky")
+    await bounded(quick_worker(app, concurrency=8, prefetch=8).run())
+    (retry_claim,) = [limit for limit, got in limits if ("flaky", 2) in got]
+    assert retry_claim == 10
+    limits.clear()
+    await app.enqueue_async("flaky")
+    await bounded(quick_worker(app, concurrency=3, prefetch=3).run())
+    (retry_claim,) = [limit for limit, got in limits if ("flaky", 2) in got]
+    assert retry_claim == 6
 
 
 async def test_retries_are_logged_as_info_and_dead_letters_as_warnings(
