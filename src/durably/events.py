@@ -17,9 +17,10 @@ import json
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from durably.errors import ConfigError
 from durably.job import JSON, Event, Job, Status
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("durably.events")
+_C = TypeVar("_C")
 
 Subscriber = Callable[[Event], Any]
 """A callback taking an :class:`~durably.job.Event`; sync (run in a thread) or async."""
@@ -136,6 +138,32 @@ class Subscribers:
                     await outcome
 
 
+class _PerLoop(Generic[_C]):
+    """One client per running event loop, made on first use there.
+
+    A network client's pooled connections belong to the loop that opened them: a sink kept by
+    an app outlives an ``asyncio.run`` (a second ``run_worker``, a test), and reusing those
+    connections from the next loop fails ("Event loop is closed").
+    """
+
+    def __init__(self, make: Callable[[], _C]) -> None:
+        self._make = make
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _C] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> _C:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = self._make()
+        return client
+
+    def pop(self) -> _C | None:
+        """This loop's client, forgotten (for its owner to close), or None if it made none."""
+        return self._clients.pop(asyncio.get_running_loop(), None)
+
+
 class RedisStreamSink:
     """``XADD`` each event to a Redis stream trimmed with ``MAXLEN ~ maxlen`` (seed 002).
 
@@ -154,7 +182,7 @@ class RedisStreamSink:
 
         self.stream = stream
         self.maxlen = maxlen
-        self._client = aioredis.Redis.from_url(url)
+        self._clients = _PerLoop(lambda: aioredis.Redis.from_url(url))
 
     async def deliver(self, event: Event) -> None:
         """Append the event to the stream."""
@@ -169,7 +197,7 @@ class RedisStreamSink:
             value = event.payload.get(name)
             if value:
                 fields[name] = str(value)
-        await self._client.xadd(
+        await self._clients.get().xadd(
             self.stream,
             fields,  # type: ignore[arg-type]
             maxlen=self.maxlen,
@@ -177,8 +205,10 @@ class RedisStreamSink:
         )
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close this event loop's connection pool (another loop's closes with its loop)."""
+        client = self._clients.pop()
+        if client is not None:
+            await client.aclose()
 
 
 class WebhookSink:
@@ -208,8 +238,9 @@ class WebhookSink:
 
         self.url = url
         self._secret = secret.encode()
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(timeout=timeout)
+        # A client passed in is its owner's to scope and close; ours are one per event loop.
+        self._given = client
+        self._clients = _PerLoop(lambda: httpx.AsyncClient(timeout=timeout))
         self._clock = clock
 
     def sign(self, timestamp: str, body: bytes) -> str:
@@ -221,7 +252,8 @@ class WebhookSink:
         """POST the event; raise on anything but 2xx."""
         body = json.dumps(event.to_dict(), separators=(",", ":")).encode()
         timestamp = str(int(self._clock()))
-        response = await self._client.post(
+        client = self._given if self._given is not None else self._clients.get()
+        response = await client.post(
             self.url,
             content=body,
             headers={
@@ -236,9 +268,11 @@ class WebhookSink:
             raise RuntimeError(f"webhook answered {response.status_code}")
 
     async def close(self) -> None:
-        """Close the HTTP client this sink made; a ``client`` passed in stays its owner's."""
-        if self._owns_client:
-            await self._client.aclose()
+        """Close the HTTP client this sink made for this event loop; a ``client`` passed in
+        stays its owner's."""
+        client = self._clients.pop()
+        if client is not None:
+            await client.aclose()
 
 
 class Publisher:

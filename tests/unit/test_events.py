@@ -325,8 +325,37 @@ async def test_a_webhook_closes_only_the_client_it_made() -> None:
     finally:
         await given.aclose()
     made = WebhookSink("https://example.com/hook", "s3cret")
+    client = made._clients.get()
     await made.close()
-    assert made._client.is_closed
+    assert client.is_closed
+    assert made._clients.get() is not client  # a later delivery gets a fresh one
+
+
+def _deliver_in_a_new_loop(sink: WebhookSink | RedisStreamSink, event: Event) -> None:
+    async def deliver() -> None:
+        try:
+            await sink.deliver(event)
+        finally:
+            await sink.close()
+
+    asyncio.run(deliver())
+
+
+async def test_sinks_deliver_from_one_event_loop_after_another(
+    redis_url: str, redis_client: Any, stream: str
+) -> None:
+    # An app's sinks outlive an asyncio.run (a second run_worker, a script's): pooled
+    # connections of a closed loop must not be reused ("Event loop is closed").
+    event = Event(id=1, type="t.processed", payload={"n": 1}, created_at=datetime.now(UTC))
+    with FlakyServer([Reply(204), Reply(204)]) as server:
+        webhook = WebhookSink(server.url("/"), "s3cret")
+        for _ in range(2):
+            await asyncio.to_thread(_deliver_in_a_new_loop, webhook, event)
+    assert len(server.requests) == 2
+    streamed = RedisStreamSink(redis_url, stream)
+    for _ in range(2):
+        await asyncio.to_thread(_deliver_in_a_new_loop, streamed, event)
+    assert await redis_client.xlen(stream) == 2
 
 
 @pytest.mark.parametrize(
