@@ -11,6 +11,9 @@ local now = now_us(ARGV[1])
 local snow = int(now)
 local templates = {}
 local a = 3
+local OPTIONAL_FIELDS = {
+  {2, 'policy', '{}'}, {3, 'meta', '{}'}, {5, 'max_attempts', ''}, {6, 'timeout', ''},
+}
 for t = 1, tonumber(ARGV[2]) do
   local queue = ARGV[a]
   local run_at = int(now + tonumber(ARGV[a + 4]))
@@ -20,21 +23,13 @@ for t = 1, tonumber(ARGV[2]) do
     'status', 'pending', 'attempts', '0', 'version', '1', 'queue', queue,
     'run_at', run_at, 'created_at', snow, 'updated_at', snow, 'handler', ARGV[a + 1],
   }
-  if ARGV[a + 2] ~= '{}' then
-    f[#f + 1] = 'policy'
-    f[#f + 1] = ARGV[a + 2]
-  end
-  if ARGV[a + 3] ~= '{}' then
-    f[#f + 1] = 'meta'
-    f[#f + 1] = ARGV[a + 3]
-  end
-  if ARGV[a + 5] ~= '' then
-    f[#f + 1] = 'max_attempts'
-    f[#f + 1] = ARGV[a + 5]
-  end
-  if ARGV[a + 6] ~= '' then
-    f[#f + 1] = 'timeout'
-    f[#f + 1] = ARGV[a + 6]
+  -- Optional fields: {offset of the value, field, the value that means unset}.
+  for _, optional in ipairs(OPTIONAL_FIELDS) do
+    local value = ARGV[a + optional[1]]
+    if value ~= optional[3] then
+      f[#f + 1] = optional[2]
+      f[#f + 1] = value
+    end
   end
   local batch = nil
   if ARGV[a + 7] ~= '' then
