@@ -328,7 +328,10 @@ async def test_a_webhook_closes_only_the_client_it_made() -> None:
     client = made._clients.get()
     await made.close()
     assert client.is_closed
-    assert made._clients.get() is not client  # a later delivery gets a fresh one
+    fresh = made._clients.get()  # a later delivery gets a fresh one
+    assert fresh is not client
+    await made.close()
+    assert fresh.is_closed
 
 
 def _deliver_in_a_new_loop(sink: WebhookSink | RedisStreamSink, event: Event) -> None:
