@@ -333,8 +333,8 @@ def find_app(imports: Sequence[str], app_ref: str | None) -> Durably:
     type=click.IntRange(min=1),
     default=None,
     help=(
-        "Most jobs one claim takes (default: concurrency + prefetch, and half of "
-        "--concurrency while retries are due within seconds)."
+        "Most jobs one claim takes (default: concurrency + prefetch, and a quarter of "
+        "--concurrency, at least 10, while retries are due within seconds)."
     ),
 )
 @click.option(
