@@ -520,14 +520,14 @@ class _CopyBatch:
 
     def add(self, start: int, stop: int) -> bool:
         """Check and encode jobs ``start`` to ``stop`` (the next ones); False when one needs the
-        SQL path (a key, an odd value). Raises :class:`PayloadError` for a payload, policy or
-        meta that is not JSON."""
+        SQL path (an odd value; :meth:`of` already turned away keys). Raises
+        :class:`PayloadError` for a payload, policy or meta that is not JSON."""
         texts: list[str] = []
         shapes, seen, encoded = self._numbers, self._seen, self._encoded
         shape_of, batch_ids, item_indexes = self.shape_of, self.batch_ids, self.item_indexes
         for index in range(start, stop):
             job = self.jobs[index]
-            if job.key is not None or not _plain(job):
+            if not _plain(job):
                 return False
             text = job.payload_json
             texts.append(
