@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench bench-peers clean
 
 # --compile-bytecode: uv does not write .pyc files by default (pip does); without them every
 # worker process compiles its imports at start-up, which costs time and ~17 MB of RSS.
@@ -32,6 +32,11 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	$(BIN)/python -m compileall -q src bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The same workloads against other Python job queues (the `peers` extra, in `dev`).
+bench-peers: $(STAMP)
+	$(BIN)/python -m compileall -q src bench
+	$(BIN)/python -m bench.peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

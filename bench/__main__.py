@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -32,27 +31,49 @@ from bench.workloads import PG_URL, REDIS_URL, STORE_KINDS, BenchFailure
 WORKLOADS = ("W1", "W2", "W3", "W4")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
-Case = tuple[str, str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]]
+Case = tuple[dict[str, Any], Callable[[], dict[str, Any]]]
+"""A row's identity (store, workload, variant; a peer's ``system``) and one run of it."""
 
 
-def _scaled(base: int, scale: float, minimum: int) -> int:
-    return max(minimum, round(base * scale))
+class Sizes(NamedTuple):
+    """Each workload's job counts at a ``--scale``."""
+
+    drain: int
+    retry: int
+    latency: int
+    backlog: int
+
+    @classmethod
+    def at(cls, scale: float) -> Sizes:
+        """The issue's counts times ``scale``, each at least a handful."""
+
+        def scaled(base: int, minimum: int) -> int:
+            return max(minimum, round(base * scale))
+
+        return cls(scaled(20_000, 10), scaled(3_000, 10), scaled(200, 5), scaled(200_000, 50))
+
+
+def _row(kind: str, workload: str, variant: str) -> dict[str, Any]:
+    return {"store": kind, "workload": workload, "variant": variant}
+
+
+def _sync(
+    factory: Callable[..., Coroutine[Any, Any, dict[str, Any]]], *args: Any, **kwargs: Any
+) -> Callable[[], dict[str, Any]]:
+    """One run of an async workload, in an event loop of its own."""
+    return lambda: asyncio.run(factory(*args, **kwargs))
 
 
 def cases(kind: str, names: Sequence[str], scale: float, concurrency: int) -> list[Case]:
-    """The (workload, variant, coroutine factory) runs for one store."""
-    drain = _scaled(20_000, scale, 10)
-    retry = _scaled(3_000, scale, 10)
-    latency = _scaled(200, scale, 5)
-    backlog = _scaled(200_000, scale, 50)
+    """The rows and runs of durably on one store."""
+    drain, retry, latency, backlog = Sizes.at(scale)
     out: list[Case] = []
     if "W1" in names:
         for procs in (1, 2):
             out.append(
                 (
-                    "W1",
-                    f"{drain} jobs, {procs} proc x {concurrency}",
-                    functools.partial(
+                    _row(kind, "W1", f"{drain} jobs, {procs} proc x {concurrency}"),
+                    _sync(
                         workloads.w1_drain,
                         kind,
                         jobs=drain,
@@ -64,26 +85,27 @@ def cases(kind: str, names: Sequence[str], scale: float, concurrency: int) -> li
     if "W2" in names:
         out.append(
             (
-                "W2",
-                f"{retry} jobs x 3 attempts",
-                lambda: workloads.w2_retry(kind, jobs=retry, concurrency=concurrency),
+                _row(kind, "W2", f"{retry} jobs x 3 attempts"),
+                _sync(workloads.w2_retry, kind, jobs=retry, concurrency=concurrency),
             )
         )
     if "W3" in names:
         out.append(
             (
-                "W3",
-                f"{latency} jobs, 20 ms apart",
-                lambda: workloads.w3_latency(kind, jobs=latency, concurrency=concurrency),
+                _row(kind, "W3", f"{latency} jobs, 20 ms apart"),
+                _sync(workloads.w3_latency, kind, jobs=latency, concurrency=concurrency),
             )
         )
     if "W4" in names:
         out.append(
             (
-                "W4",
-                f"{latency} jobs + {backlog} ahead",
-                lambda: workloads.w4_backlog(
-                    kind, jobs=latency, backlog=backlog, concurrency=concurrency
+                _row(kind, "W4", f"{latency} jobs + {backlog} ahead"),
+                _sync(
+                    workloads.w4_backlog,
+                    kind,
+                    jobs=latency,
+                    backlog=backlog,
+                    concurrency=concurrency,
                 ),
             )
         )
@@ -178,44 +200,73 @@ def _summary(workload: str, runs: list[dict[str, Any]]) -> list[str]:
     return ["-", "-", latency, extra]
 
 
-async def run_all(
-    kinds: Sequence[str], names: Sequence[str], runs: int, scale: float, concurrency: int
-) -> list[dict[str, Any]]:
+def run_cases(all_cases: Sequence[Case], runs: int) -> list[dict[str, Any]]:
     """Every case, ``runs`` times; failures are recorded, not raised."""
     console = Console(stderr=True)
     results: list[dict[str, Any]] = []
-    for kind in kinds:
-        for workload, variant, factory in cases(kind, names, scale, concurrency):
-            entry: dict[str, Any] = {
-                "store": kind,
-                "workload": workload,
-                "variant": variant,
-                "runs": [],
-                "failures": [],
-            }
-            for n in range(runs):
-                console.print(f"[bold]{kind} {workload}[/] {variant} (run {n + 1}/{runs}) ...")
-                started = time.perf_counter()
-                try:
-                    result = await factory()
-                except BenchFailure as exc:
-                    console.print(f"[bold red]FAIL[/] {kind} {workload}: {exc}")
-                    entry["failures"].append(str(exc))
-                    continue
-                except Exception as exc:
-                    console.print(f"[bold red]ERROR[/] {kind} {workload}: {exc!r}")
-                    traceback.print_exc()
-                    entry["failures"].append(f"{type(exc).__name__}: {exc}")
-                    continue
-                result["elapsed_s"] = time.perf_counter() - started
-                entry["runs"].append(result)
-            results.append(entry)
+    for row, run in all_cases:
+        entry: dict[str, Any] = {**row, "runs": [], "failures": []}
+        label = " ".join(filter(None, [row.get("system"), row["store"], row["workload"]]))
+        for n in range(runs):
+            console.print(f"[bold]{label}[/] {row['variant']} (run {n + 1}/{runs}) ...")
+            started = time.perf_counter()
+            try:
+                result = run()
+            except BenchFailure as exc:
+                console.print(f"[bold red]FAIL[/] {label}: {exc}")
+                entry["failures"].append(str(exc))
+                continue
+            except Exception as exc:
+                console.print(f"[bold red]ERROR[/] {label}: {exc!r}")
+                traceback.print_exc()
+                entry["failures"].append(f"{type(exc).__name__}: {exc}")
+                continue
+            result["elapsed_s"] = time.perf_counter() - started
+            entry["runs"].append(result)
+        results.append(entry)
     return results
 
 
-def render(results: list[dict[str, Any]]) -> Table:
-    """The results as a Rich table (medians over runs)."""
-    table = Table(title="durably benchmark (medians over runs)")
+def publish(
+    results: list[dict[str, Any]],
+    *,
+    title: str,
+    stores: Sequence[str],
+    arguments: dict[str, Any],
+    started: float,
+    path: Path,
+) -> int:
+    """Print the table, write the JSON report; 1 when any check failed."""
+    report = {
+        "machine": machine(stores),
+        "arguments": arguments,
+        "elapsed_s": time.perf_counter() - started,
+        "results": results,
+    }
+    Console(width=180).print(render(results, title))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    Console(stderr=True).print(f"results written to {path}")
+    failed = [
+        " ".join(filter(None, [e.get("system"), e["store"], e["workload"]]))
+        for e in results
+        if e["failures"]
+    ]
+    if failed:
+        Console(stderr=True).print(f"[bold red]FAILED[/]: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def render(
+    results: list[dict[str, Any]], title: str = "durably benchmark (medians over runs)"
+) -> Table:
+    """The results as a Rich table (medians over runs); a first column names each system.
+
+    Entries without a ``system`` (this benchmark's own) are durably's.
+    """
+    table = Table(title=title)
+    table.add_column("system")
     for column in ("store", "workload", "variant", "enqueue/s", "processed/s", "latency"):
         table.add_column(column, justify="left" if column in ("store", "variant") else "right")
     table.add_column("peak RSS MB", justify="right")
@@ -224,12 +275,16 @@ def render(results: list[dict[str, Any]]) -> Table:
     for entry in results:
         runs = entry["runs"]
         check = "[red]FAIL[/]" if entry["failures"] else "[green]ok[/]"
+        system = entry.get("system", "durably")
         if not runs:
-            table.add_row(entry["store"], entry["workload"], entry["variant"], *["-"] * 5, check)
+            table.add_row(
+                system, entry["store"], entry["workload"], entry["variant"], *["-"] * 5, check
+            )
             continue
         enq, processed, latency, extra = _summary(entry["workload"], runs)
         rss = _fmt(workloads.median_of(runs, "peak_rss_mb"), 1)
         table.add_row(
+            system,
             entry["store"],
             entry["workload"],
             entry["variant"],
@@ -259,10 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or args.runs < 1 or args.scale <= 0:
         parser.error(f"bad arguments: {unknown or 'runs >= 1 and scale > 0'}")
     started = time.perf_counter()
-    results = asyncio.run(run_all(kinds, names, args.runs, args.scale, args.concurrency))
-    report = {
-        "machine": machine(kinds),
-        "arguments": {
+    results = run_cases(
+        [c for k in kinds for c in cases(k, names, args.scale, args.concurrency)], args.runs
+    )
+    return publish(
+        results,
+        title="durably benchmark (medians over runs)",
+        stores=kinds,
+        arguments={
             "stores": kinds,
             "workloads": names,
             "runs": args.runs,
@@ -270,18 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         },
-        "elapsed_s": time.perf_counter() - started,
-        "results": results,
-    }
-    Console(width=180).print(render(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
-    Console(stderr=True).print(f"results written to {args.json}")
-    failed = [f"{e['store']} {e['workload']}" for e in results if e["failures"]]
-    if failed:
-        Console(stderr=True).print(f"[bold red]FAILED[/]: {', '.join(failed)}")
-        return 1
-    return 0
+        started=started,
+        path=args.json,
+    )
 
 
 if __name__ == "__main__":
