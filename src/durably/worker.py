@@ -43,7 +43,7 @@ from durably.executor import (
     rescue_completion,
 )
 from durably.job import TERMINAL, Completion, Job, Outcome, Status
-from durably.store.base import ClaimRequest, Lease, Store
+from durably.store.base import ClaimRequest, ClaimsOnWake, Lease, Store
 from durably.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ class Worker:
         # written the worker cannot know whether its jobs retry, so it starts with small claims
         # (a first whole-room claim of jobs that all fail made their retries due all at once).
         self._retries_due_until = _UNKNOWN
+        self._claimed_short = False  # the idle wait claimed, and got less than it asked for
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
@@ -364,6 +365,23 @@ class Worker:
     def _room(self) -> int:
         return self.concurrency + self.prefetch - len(self._running) - self._queue.qsize()
 
+    def _claim_request(self, room: int) -> ClaimRequest:
+        limit = min(
+            room,
+            self._retry_batch_size
+            if time.monotonic() < self._retries_due_until
+            else self.batch_size,
+        )
+        return ClaimRequest(self.queues, self.worker_id, limit, self.lease_seconds)
+
+    def _take(self, jobs: Sequence[Job]) -> None:
+        """Queue claimed jobs for the runners, retries first."""
+        for job in jobs:
+            self.stats["claimed"] += 1
+            self._inflight[job.id] = job
+            self.telemetry.job_started(job, (job.updated_at - job.run_at).total_seconds())
+            self._queue.put_nowait((0 if job.attempts > 1 else 1, next(self._sequence), job))
+
     async def _fetch_loop(self) -> None:
         store = self.store
         failures = 0
@@ -374,34 +392,28 @@ class Worker:
                 # A plain wait (stop() sets it too): going through _until() took the fetcher
                 # several loop turns to wake, by which time the runners had drained the whole
                 # prefetch and sat idle through the next claim's round trip.
+                self._claimed_short = False
                 await self._slot_free.wait()
                 continue
-            limit = min(
-                room,
-                self._retry_batch_size
-                if time.monotonic() < self._retries_due_until
-                else self.batch_size,
-            )
-            try:
-                jobs = await store.claim(
-                    ClaimRequest(self.queues, self.worker_id, limit, self.lease_seconds)
-                )
-                failures = 0
-            except StoreError as exc:
-                failures += 1
-                delay = min(30.0, 0.1 * 2 ** min(failures, 10)) * (0.5 + self.rand() / 2)
-                log.error(
-                    "worker %s cannot claim (%s); retrying in %.1fs", self.worker_id, exc, delay
-                )
-                await self._until(asyncio.sleep(delay), None)
-                continue
-            for job in jobs:
-                self.stats["claimed"] += 1
-                self._inflight[job.id] = job
-                self.telemetry.job_started(job, (job.updated_at - job.run_at).total_seconds())
-                self._queue.put_nowait((0 if job.attempts > 1 else 1, next(self._sequence), job))
-            if len(jobs) == limit:
-                continue  # probably more work: claim again at once
+            if self._claimed_short:
+                # The idle wait has just claimed, and found less than it asked for.
+                self._claimed_short = False
+            else:
+                request = self._claim_request(room)
+                try:
+                    jobs = await store.claim(request)
+                    failures = 0
+                except StoreError as exc:
+                    failures += 1
+                    delay = min(30.0, 0.1 * 2 ** min(failures, 10)) * (0.5 + self.rand() / 2)
+                    log.error(
+                        "worker %s cannot claim (%s); retrying in %.1fs", self.worker_id, exc, delay
+                    )
+                    await self._until(asyncio.sleep(delay), None)
+                    continue
+                self._take(jobs)
+                if len(jobs) == request.limit:
+                    continue  # probably more work: claim again at once
             if await self._idle():
                 return
 
@@ -430,8 +442,52 @@ class Worker:
             return self.stats["rescued"] == before
         timeout = self.poll_interval if due is None else min(self.poll_interval, due)
         if timeout > 0:
-            await self._until(self._wait_for_work(timeout), timeout)
+            room = self._room()
+            if not self.burst and room > 0 and isinstance(self.store, ClaimsOnWake):
+                await self._wait_and_claim(self.store, self._claim_request(room), timeout)
+            else:
+                await self._until(self._wait_for_work(timeout), timeout)
         return False
+
+    async def _wait_and_claim(
+        self, store: ClaimsOnWake, request: ClaimRequest, timeout: float
+    ) -> None:
+        """The idle wait with the claim sent behind it (see :class:`ClaimsOnWake`).
+
+        A stop interrupts it through the store instead of cancelling it: the claim may already
+        have run on the server, and the jobs it took go to the queue, which shutdown releases.
+        """
+        call = asyncio.ensure_future(store.wait_and_claim(request, timeout))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            # The bound only guards against a store that never answers.
+            await asyncio.wait(
+                {call, stop}, timeout=timeout + 5.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not call.done():
+                with contextlib.suppress(StoreError):
+                    await store.interrupt_wait(self.worker_id)
+                await asyncio.wait({call}, timeout=5.0)
+        finally:
+            stop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stop
+            if not call.done():
+                # The store did not answer the interruption: give up on the reply (any job the
+                # claim took is rescued when its lease expires).
+                call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({call})
+        if call.cancelled():
+            return
+        try:
+            jobs = call.result()
+        except StoreError as exc:
+            log.error("worker %s cannot wait for jobs (%s)", self.worker_id, exc)
+            await self._until(asyncio.sleep(min(1.0, timeout)), None)
+            return
+        self._take(jobs)
+        self._claimed_short = len(jobs) < request.limit
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Until the store signals work, or (burst mode) our own endings were written."""

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from conftest import unique_name
+from durably import Durably, JobContext, Worker
 from durably.errors import (
     ConfigError,
     Conflict,
@@ -27,7 +28,7 @@ from durably.errors import (
 from durably.events import batch_payload, processed_payload
 from durably.job import Action, Completion, JobFilter, NewJob, Outcome, Status
 from durably.store import from_url
-from durably.store.base import ActionRequest, ClaimRequest, Lease, Store
+from durably.store.base import ActionRequest, ClaimRequest, ClaimsOnWake, Lease, Store
 from durably.store.redis import _DRAFT_SLICE, SCRIPTS, RedisStore
 from durably.testing import FakeClock
 
@@ -712,3 +713,109 @@ async def test_a_mixed_enqueue_indexes_every_created_job(
         if j.key is not None:
             assert await admin.zrange(f"{root}:key:{j.key}", 0, -1) == [f"{j.id:016d}"]
             assert await admin.hget(f"{root}:keys", j.key) == str(j.id)
+
+
+async def _blocked(admin: aioredis.Redis, store: RedisStore) -> None:
+    """Until the store's wait connection is blocked in BLPOP (no sleeping to find out)."""
+    while not any(
+        c.get("name") == store.client_name + ":wait" and c.get("cmd") == "blpop"
+        for c in await admin.client_list()
+    ):
+        await asyncio.sleep(0)
+
+
+async def test_wait_and_claim_claims_the_job_that_woke_it(
+    open_store: OpenStore, admin: aioredis.Redis
+) -> None:
+    worker = await open_store()
+    producer = await open_store(prefix=worker.prefix)
+    assert isinstance(worker, ClaimsOnWake)
+    request = ClaimRequest(["mail"], "w1", 5, 30)
+    waiting = asyncio.create_task(worker.wait_and_claim(request, 30))
+    await _blocked(admin, worker)
+    [created] = await producer.enqueue([NewJob("send", {"to": "a"}, queue="mail")])
+    [job] = await asyncio.wait_for(waiting, 5)
+    assert job.id == created.job.id
+    assert (job.status, job.worker_id, job.attempts) == (Status.RUNNING, "w1", 1)
+    stored = await producer.get(job.id)
+    assert (stored.status, stored.lease_token) == (Status.RUNNING, job.lease_token)
+    assert [a.number for a in await producer.attempts(job.id)] == [1]
+    # The lease it holds is a real one: its completion is accepted.
+    done = Completion(job.id, job.lease_token or "", 1, Outcome.SUCCEEDED)
+    assert await worker.complete([done]) == [True]
+
+
+async def test_wait_and_claim_claims_after_a_timeout_too(open_store: OpenStore) -> None:
+    store = await open_store()
+    assert await store.wait_and_claim(ClaimRequest(["q"], "w", 5, 30), 0.01) == []
+    [due] = await store.enqueue([NewJob("h", {}, queue="q")])
+    # The enqueue left a wake token, so this wait may end at once; woken or timed out, the
+    # claim behind it finds the due job.
+    claimed = await store.wait_and_claim(ClaimRequest(["q"], "w", 5, 30), 0.01)
+    assert [j.id for j in claimed] == [due.job.id]
+
+
+async def test_interrupt_ends_a_wait_at_once_and_only_that_workers(
+    open_store: OpenStore, admin: aioredis.Redis
+) -> None:
+    store = await open_store()
+    mine = asyncio.create_task(store.wait_and_claim(ClaimRequest(["q"], "w-mine", 5, 30), 30))
+    await _blocked(admin, store)
+    await store.interrupt_wait("w-other")  # another worker's interruption waits for it
+    await store.interrupt_wait("w-mine")
+    assert await asyncio.wait_for(mine, 5) == []
+    # The other worker's next wait ends at once; the key goes after a minute regardless.
+    other = await asyncio.wait_for(
+        store.wait_and_claim(ClaimRequest(["q"], "w-other", 5, 30), 30), 5
+    )
+    assert other == []
+    assert await admin.ttl(store._interrupt_key("w-other")) == -2  # taken: gone
+
+
+async def test_wait_and_claim_survives_a_script_flush(
+    open_store: OpenStore, admin: aioredis.Redis
+) -> None:
+    store = await open_store()
+    [job] = await store.enqueue([NewJob("h", {})])
+    await admin.script_flush()
+    claimed = await store.wait_and_claim(ClaimRequest(["default"], "w", 5, 30), 0.01)
+    assert [j.id for j in claimed] == [job.job.id]
+
+
+async def test_an_idle_worker_claims_on_wake_and_stops_at_once(
+    redis_url: str, admin: aioredis.Redis
+) -> None:
+    """The worker's idle wait carries its claim; a stop interrupts it instead of waiting 30 s."""
+    app = Durably(redis_url, prefix=unique_name("durably-test"))
+    ran = asyncio.Event()
+
+    async def hello(payload: Any, context: JobContext) -> str:
+        ran.set()
+        return "hi"
+
+    app.register("hello", hello)
+    store = await app.store_async()
+    assert isinstance(store, RedisStore)
+    worker = Worker(app, concurrency=2, poll_interval=30.0)
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(_blocked(admin, store), 10)
+        job = await app.enqueue_async("hello")
+        await asyncio.wait_for(ran.wait(), 5)
+        await asyncio.wait_for(_blocked(admin, store), 10)  # idle again
+        # The claim is already on the server, queued behind the blocked BLPOP.
+        [waiting] = [
+            c for c in await admin.client_list() if c.get("name") == store.client_name + ":wait"
+        ]
+        assert int(waiting["qbuf"]) > 0
+        worker.stop()
+        # Interrupted, not waited out: without the interruption this stop gives up on the
+        # wait's reply only after 5 s (and the poll interval is 30 s).
+        await asyncio.wait_for(running, 3)
+        assert (await app.get_async(job.id)).status == Status.SUCCEEDED
+        assert worker.stats["claimed"] == 1
+    finally:
+        if not running.done():
+            running.cancel()
+        await store.drop_namespace()
+        await app.close_async()

@@ -40,6 +40,7 @@ from durably.job import (
 __all__ = [
     "ActionRequest",
     "ClaimRequest",
+    "ClaimsOnWake",
     "EnqueueResult",
     "HeartbeatResult",
     "Lease",
@@ -289,3 +290,30 @@ class Store(Protocol):
 
     async def retry_event(self, event: Event, retry_in: float, error: str) -> bool:
         """Release a failed delivery: due again in ``retry_in`` s; fenced by lease token."""
+
+
+@runtime_checkable
+class ClaimsOnWake(Protocol):
+    """A store that can claim as a wait ends, with no round trip in between (Redis).
+
+    Workers use it, when the store offers it, for their idle wait: the claim is sent together
+    with the blocking wait and the server runs it the moment the wait is served, which saves
+    a wake-up and a round trip between an enqueue and the start of its job.
+    """
+
+    async def wait_and_claim(self, request: ClaimRequest, timeout: float) -> list[Job]:
+        """Wait as :meth:`Store.wait` on ``request.queues``, then claim as :meth:`Store.claim`.
+
+        The claim runs whether the wait was woken or timed out, and the jobs it claimed
+        belong to the caller. It may already have run on the server when the caller stops
+        waiting for the reply, so the caller must not cancel the call: to end the wait early
+        it calls :meth:`interrupt_wait`, after which this returns promptly (possibly with jobs,
+        which the caller then runs or releases).
+        """
+
+    async def interrupt_wait(self, worker_id: str) -> None:
+        """End ``worker_id``'s :meth:`wait_and_claim` now, or its next one if none is running.
+
+        An interruption no wait took is dropped after a minute; until then it may end one
+        later wait early, which is a spurious wake-up (allowed, as for :meth:`Store.wait`).
+        """

@@ -25,6 +25,8 @@ Key layout, all under the hash-tagged root ``{prefix}`` (one cluster slot per na
     {p}:batch:<batch_id>        zset: ids of the batch (score = id)
     {p}:batchcounts:<batch_id>  hash: status -> number of the batch's jobs
     {p}:wake:<queue>            list: wake-up tokens, popped by ``wait`` with BLPOP
+    {p}:interrupt:<hash>        list: a token that ends one worker's ``wait_and_claim`` (its
+                                BLPOP watches it too); expires after a minute
     {p}:evseq                   outbox event id counter
     {p}:event:<eid>             hash: one outbox event (its payload's source data, lease, ...)
     {p}:events                  zset: undelivered event ids (score = id)
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -930,26 +933,75 @@ class RedisStore:
         """Claim due jobs under fresh leases (see :class:`ClaimRequest`)."""
         if request.limit <= 0 or not request.queues:
             return []
+        args, tokens = self._claim_args(request)
+        async with self._errors("claiming"):
+            reply = await self._run("claim", args)
+        return self._claimed(request, reply, tokens)
+
+    def _claim_args(self, request: ClaimRequest) -> tuple[list[str | int], str]:
+        """The claim script's arguments, and the lease tokens they hand out."""
         queues = [_check_queue(q) for q in dict.fromkeys(request.queues)]
         tokens = secrets.token_hex(16 * request.limit)  # 32 characters per job
-        lease_us = _seconds_us(request.lease_seconds)
         args: list[str | int] = [
             self._now_arg(),
             request.worker_id,
             request.limit,
-            lease_us,
+            _seconds_us(request.lease_seconds),
             request.batch_id or "",
             "1" if request.due_only else "0",
             len(queues),
             *queues,
             tokens,
         ]
-        async with self._errors("claiming"):
-            reply = await self._run("claim", args)
+        return args, tokens
+
+    @staticmethod
+    def _claimed(request: ClaimRequest, reply: Any, tokens: str) -> list[Job]:
         now = reply[0]
-        expires = str(int(now) + lease_us)
+        expires = str(int(now) + _seconds_us(request.lease_seconds))
         attempt = _Claimed(now, request.worker_id, expires)
         return [attempt.job(row, tokens[32 * k : 32 * k + 32]) for k, row in enumerate(reply[1:])]
+
+    def _interrupt_key(self, worker_id: str) -> str:
+        # Hashed: a worker id may hold any character, and a key built from it must not.
+        return self._k("interrupt", hashlib.sha256(worker_id.encode()).hexdigest()[:32])
+
+    async def wait_and_claim(self, request: ClaimRequest, timeout: float) -> list[Job]:
+        """BLPOP on the queues' wake lists and the worker's interrupt list, the claim behind it.
+
+        Both go in one pipeline on the wait connection: Redis runs the claim script as soon
+        as the BLPOP is served (or times out), and both replies come back together.
+        """
+        if self._waiter is None:
+            raise StoreError(f"{self!r} is not open: await store.open() first")
+        if request.limit <= 0 or not request.queues or timeout <= 0:
+            # BLPOP's timeout 0 would block for ever.
+            await self.wait(request.queues, 0)
+            return await self.claim(request)
+        keys = [self._k("wake", _check_queue(q)) for q in request.queues]
+        keys.append(self._interrupt_key(request.worker_id))
+        args, tokens = self._claim_args(request)
+        script = self._scripts["claim"]
+        self.script_calls["claim"] += 1
+        pipe = self._waiter.pipeline(transaction=False)
+        pipe.blpop(keys, timeout=timeout)
+        pipe.evalsha(script.sha, 1, self._root, *args)
+        async with self._errors("waiting for jobs and claiming"):
+            try:
+                _, reply = await pipe.execute()
+            except redis_errors.NoScriptError:
+                # The server lost its scripts (a restart, SCRIPT FLUSH): the wait is over.
+                return await self.claim(request)
+        return self._claimed(request, reply, tokens)
+
+    async def interrupt_wait(self, worker_id: str) -> None:
+        """Push a token onto the worker's interrupt list (a minute to live)."""
+        key = self._interrupt_key(worker_id)
+        async with self._errors("interrupting a wait"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.lpush(key, "1")
+            pipe.expire(key, 60)
+            await pipe.execute()
 
     async def heartbeat(self, leases: Sequence[Lease], lease_seconds: float) -> HeartbeatResult:
         """Extend the leases still held; report which were renewed and which should cancel."""
