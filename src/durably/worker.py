@@ -682,9 +682,15 @@ class Worker:
     # -- leases -----------------------------------------------------------------------------
 
     async def _every(self, interval: float, action: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(interval)
             await self._guarded(action)
+            if task is not None and task.cancelling():
+                # A cancellation that reached the store call came back as a store error (a
+                # driver may turn it into a dropped connection): honour it, or shutdown would
+                # wait for this loop for ever (seen: a Redis worker's rescuer under CLIENT KILL).
+                raise asyncio.CancelledError
 
     async def _heartbeat(self) -> None:
         held = {r.job.id: r for r in self._running.values()}
@@ -797,9 +803,14 @@ class Worker:
         await asyncio.wait({completer}, timeout=max(self.shutdown_timeout, 5.0))
         for task in [completer, *services]:
             task.cancel()
+        # Bounded: a task that swallowed its cancellation must not hold the shutdown.
+        _, stuck = await asyncio.wait([completer, *services], timeout=5.0)
+        for task in stuck:
+            log.error("worker %s: %s ignored its cancellation", self.worker_id, task.get_name())
         for task in [completer, *services]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(asyncio.CancelledError):
+                    task.result()
         try:
             await self.flush()
         except StoreError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from durably import Durably, JobContext, Rescuer, RetryPolicy, Status, Worker
+from durably.errors import StoreError
 from durably.job import JSON, Action, Job
 from durably.store.base import ClaimRequest, Lease
 from durably.telemetry import Telemetry
@@ -580,3 +581,34 @@ async def test_a_claimed_retry_runs_before_fresh_jobs_already_waiting(tmp_path: 
     finally:
         await app.close_async()
     assert order == [("flaky", 1), ("fresh", 1), ("flaky", 2), ("fresh", 2), ("fresh", 3)]
+
+
+async def test_shutdown_survives_a_service_whose_store_call_ate_its_cancellation(
+    app: Durably,
+) -> None:
+    """A driver may turn a cancellation into a dropped-connection error (seen with redis-py
+    under CLIENT KILL): the periodic service must still end, or stop() never returns."""
+    worker = app.worker(poll_interval=0.02, rescue_interval=0.01)
+    calls = 0
+    inside = asyncio.Event()
+
+    async def rescue() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return  # the rescue at start-up
+        inside.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise StoreError("connection closed by server") from None
+
+    worker._rescue = rescue  # type: ignore[method-assign]
+    running = asyncio.create_task(worker.run())
+    await bounded(inside.wait())
+    worker.stop()
+    await bounded(running)
+    assert calls >= 2
+    # The service ended with the worker: not left looping behind it.
+    leftover = [t for t in asyncio.all_tasks() if "_every" in repr(t.get_coro())]
+    assert leftover == []
