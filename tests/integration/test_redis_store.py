@@ -819,3 +819,14 @@ async def test_an_idle_worker_claims_on_wake_and_stops_at_once(
             running.cancel()
         await store.drop_namespace()
         await app.close_async()
+
+
+async def test_wait_and_claim_without_a_timeout_claims_at_once(open_store: OpenStore) -> None:
+    store = await open_store()
+    [job] = await store.enqueue([NewJob("h", {})])
+    claimed = await asyncio.wait_for(
+        store.wait_and_claim(ClaimRequest(["default"], "w", 5, 30), 0), 5
+    )
+    assert [j.id for j in claimed] == [job.job.id]
+    no_room = store.wait_and_claim(ClaimRequest(["default"], "w", 0, 30), 30)
+    assert await asyncio.wait_for(no_room, 5) == []  # nothing to claim: no wait either

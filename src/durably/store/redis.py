@@ -974,10 +974,10 @@ class RedisStore:
         """
         if self._waiter is None:
             raise StoreError(f"{self!r} is not open: await store.open() first")
-        if request.limit <= 0 or not request.queues or timeout <= 0:
-            # BLPOP's timeout 0 would block for ever.
-            await self.wait(request.queues, 0)
-            return await self.claim(request)
+        if request.limit <= 0 or not request.queues:
+            return []
+        if timeout <= 0:
+            return await self.claim(request)  # BLPOP's timeout 0 would block for ever
         keys = [self._k("wake", _check_queue(q)) for q in request.queues]
         keys.append(self._interrupt_key(request.worker_id))
         args, tokens = self._claim_args(request)
