@@ -213,6 +213,7 @@ class Worker:
         # (a first whole-room claim of jobs that all fail made their retries due all at once).
         self._retries_due_until = _UNKNOWN
         self._claimed_short = False  # the idle wait claimed, and got less than it asked for
+        self._on_stop: set[Callable[[], object]] = set()  # what stop() cancels (the idle wait)
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
@@ -259,6 +260,8 @@ class Worker:
             log.info("worker %s stopping: no new claims", self.worker_id)
         self._stop.set()
         self._slot_free.set()
+        for cancel in list(self._on_stop):
+            cancel()
 
     @property
     def store(self) -> Store:
@@ -445,9 +448,29 @@ class Worker:
             room = self._room()
             if not self.burst and room > 0 and isinstance(self.store, ClaimsOnWake):
                 await self._wait_and_claim(self.store, self._claim_request(room), timeout)
+            elif not self.burst:
+                await self._wait_or_stop(timeout)
             else:
                 await self._until(self._wait_for_work(timeout), timeout)
         return False
+
+    async def _wait_or_stop(self, timeout: float) -> None:
+        """The store's wait, cancelled by :meth:`stop`: one task, so a wake-up reaches the
+        claim in a loop turn or two (through _until() and _wait_for_work() it took four or
+        five, ~0.1 ms after an idle spell)."""
+        if self._stop.is_set():
+            return  # stopped while the schedule was read: nothing is registered to cancel yet
+        waiting = asyncio.ensure_future(self.store.wait(self.queues, timeout))
+        self._on_stop.add(waiting.cancel)
+        try:
+            # The bound only guards against a store whose wait outlives its timeout.
+            await asyncio.wait({waiting}, timeout=timeout + 1.0)
+        finally:
+            self._on_stop.discard(waiting.cancel)
+            if not waiting.done():
+                waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await waiting
 
     async def _wait_and_claim(
         self, store: ClaimsOnWake, request: ClaimRequest, timeout: float

@@ -612,3 +612,26 @@ async def test_shutdown_survives_a_service_whose_store_call_ate_its_cancellation
     # The service ended with the worker: not left looping behind it.
     leftover = [t for t in asyncio.all_tasks() if "_every" in repr(t.get_coro())]
     assert leftover == []
+
+
+async def test_stop_cuts_short_an_idle_wait(app: Durably) -> None:
+    """stop() cancels the store's wait: it does not sit out the 30 s poll interval."""
+    ran = asyncio.Event()
+
+    async def hello(payload: JSON, context: JobContext) -> None:
+        ran.set()
+
+    app.register("hello", hello)
+    worker = app.worker(poll_interval=30.0)
+    running = asyncio.create_task(worker.run())
+    await app.enqueue_async("hello")
+    await bounded(ran.wait())
+
+    async def idle_again() -> None:  # loop turns, no sleeping: the store's thread answers
+        while not worker._on_stop:
+            await asyncio.sleep(0)
+
+    await bounded(idle_again())
+    worker.stop()
+    await bounded(running)
+    assert worker.stats["succeeded"] == 1
