@@ -635,3 +635,4 @@ async def test_stop_cuts_short_an_idle_wait(app: Durably) -> None:
     worker.stop()
     await bounded(running)
     assert worker.stats["succeeded"] == 1
+    assert worker._on_stop == set()  # each wait unregisters its hook: none pile up
